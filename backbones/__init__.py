@@ -1,0 +1,1 @@
+"""Hierarchical backbones assembled from ``blocks``, registered with timm on import."""

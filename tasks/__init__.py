@@ -1,0 +1,1 @@
+"""LightningModules: classification (and, as they land, detection and segmentation), with their heads."""
