@@ -1,0 +1,118 @@
+"""Class-folder image datasets (``split/<class>/<image>``): discovery, validation and decoding to RGB."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, get_worker_info
+
+from .errors import DataError
+
+__all__ = [
+    "IMG_EXTENSIONS",
+    "ImageFolderDataset",
+    "decode_rgb",
+    "find_classes",
+    "read_class_names",
+    "scan_image_folder",
+    "seed_worker",
+]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def find_classes(split_dir: Path) -> list[str]:
+    """Sorted class-folder names of ``split_dir``; the class index is the position in this list."""
+    if not split_dir.is_dir():
+        raise DataError(
+            f"missing folder {split_dir}: expected {split_dir}/<class>/<image> "
+            "(check that --data.init_args.root points at the dataset)"
+        )
+    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise DataError(f"no class folders in {split_dir}: expected {split_dir}/<class>/<image>")
+    return classes
+
+
+def scan_image_folder(split_dir: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
+    """All (path, class index) pairs under ``split_dir``; an empty class folder is an error, never a silent skip."""
+    samples: list[tuple[str, int]] = []
+    for index, name in enumerate(classes):
+        class_dir = split_dir / name
+        files = sorted(
+            entry.path
+            for entry in os.scandir(class_dir)
+            if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMG_EXTENSIONS
+        )
+        if not files:
+            raise DataError(f"empty class folder {class_dir}: add its images or remove the folder")
+        samples.extend((path, index) for path in files)
+    return samples
+
+
+def read_class_names(path: Path, classes: Sequence[str]) -> list[str]:
+    """Human-readable class names from ``path``.
+
+    Two formats: one name per line in class-index order, or ImageNet's ``LOC_synset_mapping.txt`` style
+    ``<folder> <name>`` lines matched by folder name.
+    """
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    by_folder = dict(line.split(maxsplit=1) for line in lines if len(line.split(maxsplit=1)) == 2)
+    if all(name in by_folder for name in classes):
+        return [by_folder[name] for name in classes]
+    if len(lines) != len(classes):
+        raise DataError(
+            f"class-name file {path} has {len(lines)} lines for {len(classes)} class folders: "
+            "give one name per class (in folder order) or '<folder> <name>' lines"
+        )
+    return lines
+
+
+def decode_rgb(path: str) -> np.ndarray:
+    """Decode an image file to an HWC uint8 RGB array (grayscale, palette, CMYK and alpha images included)."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+class ImageFolderDataset(Dataset):
+    """(path, label) samples decoded to RGB and passed through an albumentations transform.
+
+    Returns ``(image CHW float tensor, label)``.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        image = self.transform(image=decode_rgb(path))["image"]
+        return image, label
+
+    def reseed(self, seed: int) -> None:
+        """Reseed the transform's random generators (albumentations keeps its own, which forked workers share)."""
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: distinct, reproducible random streams per worker and per epoch.
+
+    ``torch.initial_seed()`` inside a worker is the loader's per-epoch base seed plus the worker id, drawn from the
+    main process's generator, so it follows ``seed_everything`` and differs between epochs and workers.
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = get_worker_info()
+    if info is not None and hasattr(info.dataset, "reseed"):
+        info.dataset.reseed(seed)

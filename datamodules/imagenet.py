@@ -1,0 +1,154 @@
+"""ImageNet-layout classification data: ``root/{train,val}/<class>/<image>``, albumentations transforms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader
+
+from .errors import DataError
+from .image_folder import ImageFolderDataset, find_classes, read_class_names, scan_image_folder, seed_worker
+from .samplers import UnpaddedDistributedSampler
+from .transforms import build_eval_transform, build_train_transform
+
+__all__ = ["ImageNetDataModule"]
+
+
+class ImageNetDataModule(L.LightningDataModule):
+    """ImageNet (or any dataset in its class-folder layout) for classification.
+
+    Layout: ``root/train/<class>/*`` and ``root/val/<class>/*``; the class index is the position of the folder name in
+    the sorted list, and train and val must hold the same class folders. Class names come from ``class_names_file``
+    (default ``root/class_names.txt`` when present), else the folder names.
+
+    Args:
+        root: dataset folder.
+        img_size: training crop and evaluation crop size.
+        crop_pct: evaluation resizes the short side to ``img_size / crop_pct`` and centre-crops ``img_size``.
+        interpolation: resize interpolation (``bicubic`` as in DeiT).
+        scale: RandomResizedCrop area range.
+        hflip: horizontal flip probability.
+        rand_augment: a timm RandAugment spec (``rand-m9-mstd0.5-inc1``) or None.
+        random_erasing: random-erasing probability (DeiT's ``reprob``).
+        mean: normalisation mean (RGB, 0-1 scale).
+        std: normalisation std.
+        batch_size: training batch size per device (the global batch is this times devices times nodes).
+        eval_batch_size: validation/test/predict batch size per device (default: ``batch_size``).
+        num_workers: loader worker processes per device.
+        pin_memory: pin host memory for faster host-to-device copies.
+        persistent_workers: keep workers alive between epochs.
+        class_names_file: optional file of class names.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/imagenet",
+        img_size: int = 224,
+        crop_pct: float = 0.875,
+        interpolation: str = "bicubic",
+        scale: tuple[float, float] = (0.08, 1.0),
+        hflip: float = 0.5,
+        rand_augment: str | None = None,
+        random_erasing: float = 0.0,
+        mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        class_names_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"data root {self.root} does not exist: set --data.init_args.root to the dataset folder")
+        self.classes = find_classes(self.root / "train")
+        val_classes = find_classes(self.root / "val")
+        if val_classes != self.classes:
+            only_train = sorted(set(self.classes) - set(val_classes))[:5]
+            only_val = sorted(set(val_classes) - set(self.classes))[:5]
+            raise DataError(
+                f"{self.root}/train and {self.root}/val hold different class folders "
+                f"(only in train: {only_train}, only in val: {only_val}): both splits need the same classes"
+            )
+        names_file = Path(class_names_file) if class_names_file else self.root / "class_names.txt"
+        if class_names_file and not names_file.is_file():
+            raise DataError(f"class-name file {names_file} does not exist: fix --data.class_names_file")
+        self.class_names = read_class_names(names_file, self.classes) if names_file.is_file() else list(self.classes)
+        self.train_set: ImageFolderDataset | None = None
+        self.val_set: ImageFolderDataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage in (None, "fit") and self.train_set is None:
+            train_tf = build_train_transform(
+                hp.img_size,
+                scale=tuple(hp.scale),
+                hflip=hp.hflip,
+                rand_augment=hp.rand_augment,
+                random_erasing=hp.random_erasing,
+                interpolation=hp.interpolation,
+                mean=tuple(hp.mean),
+                std=tuple(hp.std),
+            )
+            self.train_set = ImageFolderDataset(scan_image_folder(self.root / "train", self.classes), train_tf)
+        if self.val_set is None:
+            eval_tf = build_eval_transform(
+                hp.img_size,
+                crop_pct=hp.crop_pct,
+                interpolation=hp.interpolation,
+                mean=tuple(hp.mean),
+                std=tuple(hp.std),
+            )
+            self.val_set = ImageFolderDataset(scan_image_folder(self.root / "val", self.classes), eval_tf)
+
+    def _loader(self, dataset: ImageFolderDataset, train: bool) -> DataLoader:
+        hp = self.hparams
+        batch_size = hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)
+        sampler = None
+        if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = UnpaddedDistributedSampler(dataset)
+        if train and hp.num_workers == 0:
+            dataset.reseed(int(torch.randint(2**31, ()).item()))
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            sampler=sampler,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            worker_init_fn=seed_worker,
+            # NOTE: mixup/cutmix need an even batch, and a ragged last batch skews batch statistics.
+            drop_last=train,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        if len(self.train_set) < self.hparams.batch_size:
+            raise DataError(
+                f"{self.root}/train has {len(self.train_set)} images, fewer than one batch "
+                f"(--data.batch_size {self.hparams.batch_size}): lower the batch size"
+            )
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup("validate")
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
