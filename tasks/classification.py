@@ -1,0 +1,235 @@
+"""Image classification: a timm backbone trained with the DeiT recipe (the one the BiFormer paper follows).
+
+Recipe pieces and where they come from: AdamW with no weight decay on norms, biases and the model's
+``no_weight_decay()`` set (timm ``create_optimizer_v2``); cosine schedule with linear warmup, stepped every iteration
+(timm ``CosineLRScheduler``); label smoothing; mixup/cutmix with soft targets (timm ``Mixup`` and
+``SoftTargetCrossEntropy``); an EMA of the weights (timm ``ModelEmaV3``), evaluated beside the raw weights and saved
+in every checkpoint; top-1/top-5 from torchmetrics (synchronised across processes under DDP).
+
+Learning-rate scaling rule (DeiT, arXiv 2012.12877; BiFormer ``main.py``): the configured ``lr`` is the rate for a
+global batch of ``lr_base_size`` images, and the rate used is ``lr * global_batch / lr_base_size`` with
+``global_batch = batch_size per device * devices * nodes * accumulate_grad_batches``. Set ``lr_base_size: null`` to
+use ``lr`` as given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from .backbone import ConfigError, create_backbone
+
+__all__ = ["ClassificationTask"]
+
+
+class ClassificationTask(L.LightningModule):
+    """Train and evaluate a classifier built by ``timm.create_model``.
+
+    Args:
+        backbone: any timm-registered model name (the project's or timm's).
+        num_classes: number of classes; linked from ``data.num_classes`` by ``train.py``.
+        pretrained: start from the model's default pretrained weights.
+        pretrained_file: start from the weights in this local file (``pretrained_cfg_overlay=dict(file=...)``).
+        drop_path_rate: stochastic-depth rate passed to the model.
+        backbone_kwargs: any other ``timm.create_model`` keyword arguments.
+        optimizer: timm optimizer name (``adamw``, ``lamb``, ``sgd``, ...).
+        lr: learning rate for a global batch of ``lr_base_size`` (see the module docstring).
+        lr_base_size: reference global batch of ``lr``; ``None`` disables scaling.
+        weight_decay: decoupled weight decay (not applied to norms, biases, ``no_weight_decay()``).
+        layer_decay: layer-wise LR decay factor (needs the model's ``group_matcher``); ``None`` disables it.
+        betas: AdamW betas.
+        warmup_epochs: linear warmup length in epochs (may be fractional); stepped per iteration.
+        warmup_lr: learning rate at the first step of warmup.
+        min_lr: floor of the cosine schedule.
+        label_smoothing: label smoothing (folded into the mixup targets when mixup is on).
+        mixup: mixup alpha (0 disables).
+        cutmix: cutmix alpha (0 disables).
+        mixup_prob: probability of applying mixup or cutmix to a batch.
+        mixup_switch_prob: probability of cutmix instead of mixup when both are on.
+        ema_decay: decay of the weight EMA; ``None`` disables the EMA.
+        ema_warmup: ramp the EMA decay up over the first steps (timm's warmup), useful for short runs.
+        monitor: metric that selects ``best.ckpt`` and the exported weights (``val/top1`` or ``val/ema_top1``).
+        channels_last: run the model in channels-last memory format (faster convolutions on GPUs).
+        compile: run the model through ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        num_classes: int = 1000,
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
+        drop_path_rate: float = 0.0,
+        backbone_kwargs: dict[str, Any] | None = None,
+        optimizer: str = "adamw",
+        lr: float = 5e-4,
+        lr_base_size: int | None = 512,
+        weight_decay: float = 0.05,
+        layer_decay: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 5.0,
+        warmup_lr: float = 1e-6,
+        min_lr: float = 1e-5,
+        label_smoothing: float = 0.1,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        ema_decay: float | None = 0.99996,
+        ema_warmup: bool = False,
+        monitor: str = "val/top1",
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if monitor not in ("val/top1", "val/ema_top1", "val/top5", "val/ema_top5", "val/loss"):
+            raise ConfigError(f"model.monitor {monitor!r} is not a logged metric: use val/top1 or val/ema_top1")
+        if monitor.startswith("val/ema") and ema_decay is None:
+            raise ConfigError(f"model.monitor {monitor!r} needs the EMA: set model.ema_decay (e.g. 0.9998)")
+        kwargs = dict(backbone_kwargs or {})
+        if drop_path_rate:
+            kwargs["drop_path_rate"] = drop_path_rate
+        self.model = create_backbone(
+            backbone, pretrained=pretrained, pretrained_file=pretrained_file, num_classes=num_classes, **kwargs
+        )
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.ema = ModelEmaV3(self.model, decay=ema_decay, use_warmup=ema_warmup) if ema_decay is not None else None
+        self.monitor = monitor
+        self.monitor_mode = "min" if monitor.endswith("loss") else "max"
+
+        self.mixup_fn = None
+        if mixup > 0 or cutmix > 0:
+            self.mixup_fn = Mixup(
+                mixup_alpha=mixup,
+                cutmix_alpha=cutmix,
+                prob=mixup_prob,
+                switch_prob=mixup_switch_prob,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+        self.soft_target_loss = SoftTargetCrossEntropy()
+
+        def accuracy(top_k: int) -> MulticlassAccuracy:
+            return MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
+
+        metrics = {"top1": accuracy(1)}
+        if num_classes >= 5:
+            metrics["top5"] = accuracy(5)
+        self.val_metrics = MetricCollection(metrics, prefix="val/")
+        self.ema_metrics = self.val_metrics.clone(prefix="val/ema_") if self.ema is not None else None
+        # NOTE: kept out of the module tree so checkpoints hold ``model.*`` keys only, compiled or not.
+        self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
+        self._ema_step = -1
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self._forward(images)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        if self.mixup_fn is not None:
+            images, soft_targets = self.mixup_fn(images, targets)
+            loss = self.soft_target_loss(self(images), soft_targets)
+        else:
+            loss = F.cross_entropy(self(images), targets, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # NOTE: one EMA update per optimizer step, also under gradient accumulation.
+        if self.ema is not None and self.global_step != self._ema_step:
+            self._ema_step = self.global_step
+            self.ema.update(self.model, step=self.global_step)
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        images, targets = batch
+        logits = self(images)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, targets), sync_dist=True, batch_size=images.shape[0])
+        self.val_metrics.update(logits, targets)
+        if self.ema is not None:
+            if self.hparams.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            self.ema_metrics.update(self.ema.module(images), targets)
+
+    def _log_metrics(self, stage: str) -> None:
+        for collection in (self.val_metrics, self.ema_metrics):
+            if collection is None:
+                continue
+            for name, value in collection.compute().items():
+                self.log(name.replace("val/", f"{stage}/", 1), value, prog_bar=name.endswith("top1"), sync_dist=False)
+            collection.reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        images, _ = batch
+        model = self.ema.module if self.ema is not None and self.monitor.startswith("val/ema") else self._forward
+        probs = model(images).softmax(dim=-1)
+        top = probs.topk(min(5, probs.shape[-1]), dim=-1)
+        return {"indices": top.indices, "probs": top.values}
+
+    def global_batch_size(self) -> int:
+        """Images per optimizer step across all processes."""
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        batch_size = getattr(getattr(datamodule, "hparams", None), "batch_size", None)
+        if batch_size is None:
+            batch_size = trainer.train_dataloader.batch_size
+        return int(batch_size) * trainer.world_size * trainer.accumulate_grad_batches
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        lr = hp.lr if hp.lr_base_size is None else hp.lr * self.global_batch_size() / hp.lr_base_size
+        optimizer = create_optimizer_v2(
+            self.model,
+            opt=hp.optimizer,
+            lr=lr,
+            weight_decay=hp.weight_decay,
+            layer_decay=hp.layer_decay,
+            **({"betas": tuple(hp.betas)} if "adam" in hp.optimizer or "lamb" in hp.optimizer else {}),
+        )
+        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
+        scheduler = CosineLRScheduler(
+            optimizer,
+            t_initial=total_steps,
+            lr_min=hp.min_lr,
+            warmup_t=round(hp.warmup_epochs * steps_per_epoch),
+            warmup_lr_init=hp.warmup_lr,
+            t_in_epochs=False,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+    def export_module(self) -> nn.Module:
+        """The weights the run exports: the EMA when it is the monitored model, else the trained model."""
+        if self.ema is not None and self.monitor.startswith("val/ema"):
+            return self.ema.module
+        return self.model
