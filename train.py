@@ -91,7 +91,11 @@ class StrataCLI(LightningCLI):
             auto_insert_metric_name=False,
             enable_version_counter=False,
         )
-        kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), checkpoint, RunArtifacts(self.run_dir)]
+        callbacks = [checkpoint, RunArtifacts(self.run_dir)]
+        writer = getattr(model, "prediction_writer", None)
+        if self.subcommand == "predict" and writer is not None:
+            callbacks.append(writer(self.run_dir))
+        kwargs["callbacks"] = [*(trainer_cfg.get("callbacks") or []), *callbacks]
         config = {**trainer_cfg, **kwargs}
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         return self._instantiate_trainer(config, extra)

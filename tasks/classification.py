@@ -29,6 +29,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from .backbone import ConfigError, create_backbone
+from .prediction_writer import ClassificationPredictionWriter
 
 __all__ = ["ClassificationTask"]
 
@@ -192,6 +193,10 @@ class ClassificationTask(L.LightningModule):
         probs = model(images).softmax(dim=-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
         return {"indices": top.indices, "probs": top.values}
+
+    def prediction_writer(self, run_dir: str) -> ClassificationPredictionWriter:
+        """The callback ``train.py predict`` adds to write this task's predictions into the run directory."""
+        return ClassificationPredictionWriter(run_dir)
 
     def global_batch_size(self) -> int:
         """Images per optimizer step across all processes."""

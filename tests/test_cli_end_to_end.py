@@ -87,6 +87,17 @@ def test_validate_from_checkpoint_reproduces_best_metric(fitted_run: Path, tiny_
     assert cli.trainer.callback_metrics["val/top1"].item() == pytest.approx(summary["best_metric"], abs=1e-6)
 
 
+def test_predict_writes_one_row_per_image(fitted_run: Path, tiny_imagenet: Path) -> None:
+    cli_main(_args("predict", tiny_imagenet, fitted_run.parent))
+    with open(fitted_run / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 * 4
+    assert all(Path(row["path"]).is_file() and row["top1_name"] for row in rows)
+    accuracy = sum(int(row["label"]) == int(row["top1"]) for row in rows) / len(rows)
+    summary = json.loads((fitted_run / "summary.json").read_text())
+    assert accuracy == pytest.approx(summary["best_metric"], abs=1e-6)  # same weights as best.ckpt's validation
+
+
 def _checkpoint_model(run: Path) -> torch.nn.Module:
     state = torch.load(run / "best.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     model = timm.create_model("test_resnet", num_classes=8)
