@@ -20,10 +20,10 @@ import re
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor
 
-from .hierarchical import HierarchicalNet
+from .hierarchical import HierarchicalNet, build_hierarchical
 
 __all__ = ["checkpoint_filter_fn"]
 
@@ -72,15 +72,7 @@ def _davit_kwargs(
 
 
 def _create_davit(variant: str, pretrained: bool = False, **kwargs: Any) -> HierarchicalNet:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        HierarchicalNet,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
-        **_davit_kwargs(**kwargs),
-    )
+    return build_hierarchical(variant, pretrained, checkpoint_filter_fn, **_davit_kwargs(**kwargs))
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -39,13 +39,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, NormMlpClassifierHead, get_norm_layer, trunc_normal_
+from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from torch import Tensor, nn
 
 from blocks import create_block
 
-__all__ = ["ConvStem", "Downsample", "HierarchicalNet", "HierarchicalStage", "PatchStem"]
+__all__ = ["ConvStem", "Downsample", "HierarchicalNet", "HierarchicalStage", "PatchStem", "build_hierarchical"]
 
 BlockType = str | Callable[..., nn.Module]
 _STEMS = ("deep", "patch")
@@ -404,3 +405,18 @@ class HierarchicalNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def build_hierarchical(
+    variant: str, pretrained: bool, filter_fn: Callable[..., dict[str, Tensor]], **kwargs: Any
+) -> HierarchicalNet:
+    """``build_model_with_cfg`` for a :class:`HierarchicalNet` variant, with four feature levels (strides 4-32)."""
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        HierarchicalNet,
+        variant,
+        pretrained,
+        pretrained_filter_fn=filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        **kwargs,
+    )
