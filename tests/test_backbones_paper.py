@@ -1,4 +1,4 @@
-"""Paper backbones on the hierarchical assembler: BiFormer (arXiv 2303.08810) and DaViT (arXiv 2204.03645).
+"""Backbones on the hierarchical assembler: BiFormer (arXiv 2303.08810), DaViT (arXiv 2204.03645), the hybrids.
 
 Sizes are small: 64 x 64 inputs give stage maps 16/8/4/2, so BiFormer runs with ``n_win=2`` and DaViT with
 ``window_size=2`` where a test needs windows that divide every map (no padding); 67 x 93 checks odd sizes. Apart
@@ -27,12 +27,14 @@ PARAMS = {
     "strata_davit_small": 49_745_896,
     "strata_davit_base": 87_954_408,
 }
-TINY = ["biformer_tiny", "strata_davit_tiny"]
+HYBRIDS = ["strata_hybrid_pico", "strata_hybrid_tiny", "strata_hybrid_small"]
+TINY = ["biformer_tiny", "strata_davit_tiny", "strata_hybrid_pico"]
 NARROW = dict(embed_dims=(32, 64, 128, 256))
 SMALL = {
     "biformer": dict(NARROW, n_win=2),
     "strata_davit": dict(NARROW, num_heads=(1, 2, 4, 8), window_size=2),
     "davit": dict(NARROW, num_heads=(1, 2, 4, 8)),
+    "strata_hybrid": dict(NARROW, n_win=2, window_size=2),
 }
 
 
@@ -62,7 +64,7 @@ def test_exact_parameter_counts(name: str) -> None:
     assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
 
 
-@pytest.mark.parametrize("name", list(PARAMS))
+@pytest.mark.parametrize("name", list(PARAMS) + HYBRIDS)
 def test_forward_backward_features_and_intermediates(name: str) -> None:
     model = _create(name).eval()
     x = _image(64, 64)
@@ -242,7 +244,7 @@ def test_no_name_shadows_timm() -> None:
     ours = {p.stem for p in Path(backbones.__file__).parent.glob("*.py") if p.stem != "__init__"}
     assert not ours & timm_modules
     our_models = {n for n, fn in _registry._model_entrypoints.items() if fn.__module__.startswith("backbones.")}
-    assert set(PARAMS) <= our_models
+    assert set(PARAMS) | set(HYBRIDS) <= our_models
     timm_models = set().union(*(_registry._module_to_models.get(m, set()) for m in timm_modules))
     assert not our_models & timm_models
     assert all(_registry._model_to_module[n] in ours for n in our_models)
