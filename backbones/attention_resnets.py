@@ -12,7 +12,8 @@ placement that ECA-Net (``BangguWu/ECANet`` ``models/eca_resnet.py``) uses too. 
 * ``resnet50_eca_k3557``: ECA-Net50 as released, a plain ResNet-50 stem with fixed kernels 3, 5, 5, 7 per stage;
   ``checkpoint_filter_fn`` renames the official ``*.eca.*`` keys. timm's ``ecaresnet50d`` is a ResNet-50-D with the
   adaptive kernels (5, 5, 5, 7), so it cannot load these weights.
-* ``resnet50_ca``: coordinate attention (official ``CoordAtt``: reduction 32, at least 8 channels) at the same place.
+* ``strata_resnet50_ca``: coordinate attention (official ``CoordAtt``: reduction 32, at least 8 channels) at the same
+  place.
 
 SE-ResNet-50 is not registered: timm's ``seresnet50`` already matches SENet (reduction 16, 28,088,024 parameters).
 """
@@ -87,7 +88,7 @@ default_cfgs = generate_default_cfgs(
     {
         # NOTE official ECA-Net weights (Google Drive / Baidu) load from a local file through checkpoint_filter_fn
         "resnet50_eca_k3557": _cfg(origin_url="https://github.com/BangguWu/ECANet", paper_ids="arXiv:1910.03151"),
-        "resnet50_ca": _cfg(paper_ids="arXiv:2103.02907"),
+        "strata_resnet50_ca": _cfg(paper_ids="arXiv:2103.02907"),
     }
 )
 
@@ -104,7 +105,7 @@ def resnet50_eca_k3557(pretrained: bool = False, **kwargs: Any) -> ResNet:
 
 
 @register_model
-def resnet50_ca(pretrained: bool = False, **kwargs: Any) -> ResNet:
+def strata_resnet50_ca(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet-50 with coordinate attention after ``bn3`` of every bottleneck."""
     model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3), block_args=dict(attn_layer=coord_attn_layer))
-    return _create_attention_resnet("resnet50_ca", pretrained, **dict(model_args, **kwargs))
+    return _create_attention_resnet("strata_resnet50_ca", pretrained, **dict(model_args, **kwargs))

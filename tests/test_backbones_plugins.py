@@ -30,7 +30,7 @@ _spec = importlib.util.spec_from_file_location(
 inspect_models = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(inspect_models)
 
-MODELS = ["mobilenetv2_100_ca", "resnet50_ca", "resnet50_eca_k3557"]
+MODELS = ["mobilenetv2_100_ca", "strata_resnet50_ca", "resnet50_eca_k3557"]
 NUM_CLASSES = 7
 
 
@@ -272,14 +272,14 @@ def test_resnet_parameter_counts() -> None:
     ]
     assert eca.conv1.kernel_size == (7, 7)  # plain ResNet-50 stem, not -D
     widths = [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3
-    assert _n_params(timm.create_model("resnet50_ca")) == base + sum(_ca_params(c) for c in widths)
+    assert _n_params(timm.create_model("strata_resnet50_ca")) == base + sum(_ca_params(c) for c in widths)
     # SENet's SE-ResNet-50 (r = 16, C // 16) is exactly timm's seresnet50, which is why it is not re-registered
     se = ResNet(block=Bottleneck, layers=(3, 4, 6, 3), block_args=dict(attn_layer=lambda c, **_: SqueezeExcite(c)))
     assert _n_params(se) == _n_params(timm.create_model("seresnet50")) == 28_088_024
 
 
 @pytest.mark.parametrize(
-    ("name", "attn"), [("resnet50_ca", CoordinateAttention), ("resnet50_eca_k3557", EfficientChannelAttention)]
+    ("name", "attn"), [("strata_resnet50_ca", CoordinateAttention), ("resnet50_eca_k3557", EfficientChannelAttention)]
 )
 def test_resnet_attention_after_bn3_before_residual(name: str, attn: type) -> None:
     model = _create(name).eval()
@@ -317,7 +317,7 @@ def test_inspect_list_and_shapes(capsys: pytest.CaptureFixture[str]) -> None:
     assert inspect_models.main(["list", "--filter", "*_ca", "--img-size", "32"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"mobilenetv2_100_ca\s+3,950,648", out)
-    assert re.search(rf"resnet50_ca\s+{_n_params(timm.create_model('resnet50_ca')):,}", out)
+    assert re.search(rf"strata_resnet50_ca\s+{_n_params(timm.create_model('strata_resnet50_ca')):,}", out)
     assert "resnet50_eca_k3557" not in out  # the filter applies
 
     assert inspect_models.main(["shapes", "mobilenetv2_100_ca", "--img-size", "64"]) == 0
@@ -340,3 +340,12 @@ def test_inspect_macs_count_convs_and_attention_matmuls() -> None:
     assert inspect_models.count_macs(torch.nn.Conv2d(8, 8, 1, bias=False), 4, in_chans=8) == 16 * 8 * 8
     n, d = 16, 8  # q @ k^T and attn @ v; torch's CPU attention kernel would count 0, hence the meta device
     assert inspect_models.count_macs(_TokenAttention(), 4, in_chans=d, device="meta") == 2 * n * n * d
+
+
+@pytest.mark.parametrize(("name", "paper_gmacs"), [("biformer_tiny", 2.228), ("biformer_small", 4.487)])
+def test_biformer_macs_match_the_paper(name: str, paper_gmacs: float) -> None:
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    macs = inspect_models.count_macs(model, 224)
+    assert abs(macs / (paper_gmacs * 1e9) - 1) < 0.01
+    assert all(m.impl == "fast" for m in model.modules() if hasattr(m, "impl"))  # counting leaves the model as it was
