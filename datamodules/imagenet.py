@@ -30,6 +30,7 @@ class ImageNetDataModule(L.LightningDataModule):
         crop_pct: evaluation resizes the short side to ``img_size / crop_pct`` and centre-crops ``img_size``.
         interpolation: resize interpolation (``bicubic`` as in DeiT).
         scale: RandomResizedCrop area range.
+        ratio: RandomResizedCrop aspect-ratio range; ``[1, 1]`` keeps shapes undistorted.
         hflip: horizontal flip probability.
         rand_augment: a timm RandAugment spec (``rand-m9-mstd0.5-inc1``) or None.
         random_erasing: random-erasing probability (DeiT's ``reprob``).
@@ -50,6 +51,7 @@ class ImageNetDataModule(L.LightningDataModule):
         crop_pct: float = 0.875,
         interpolation: str = "bicubic",
         scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
         rand_augment: str | None = None,
         random_erasing: float = 0.0,
@@ -93,6 +95,7 @@ class ImageNetDataModule(L.LightningDataModule):
             train_tf = build_train_transform(
                 hp.img_size,
                 scale=tuple(hp.scale),
+                ratio=tuple(hp.ratio),
                 hflip=hp.hflip,
                 rand_augment=hp.rand_augment,
                 random_erasing=hp.random_erasing,

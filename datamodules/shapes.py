@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "DEMO_TRAIN_PER_CLASS",
+    "DEMO_VAL_PER_CLASS",
     "GENERATOR_VERSION",
     "SHAPE_CLASSES",
     "Scene",
@@ -47,6 +49,9 @@ GENERATOR_VERSION = 2
 MAIN_SCALE = (0.5, 0.9)
 DISTRACTOR_SCALE = (0.13, 0.2)
 MAX_DISTRACTORS = 2
+# Demo dataset size: the pico backbone needs ~4k distinct training images to pass 0.95 top-1 in ~10 epochs.
+DEMO_TRAIN_PER_CLASS = 500
+DEMO_VAL_PER_CLASS = 60
 
 _MIN_CONTRAST = 100.0  # Euclidean RGB distance between an object's colour and the mean background under it
 _SUPERSAMPLE = 3  # sub-pixel samples per axis for anti-aliased edges; mask = coverage >= 0.5
@@ -386,8 +391,8 @@ def _check_replaceable(root: Path) -> None:
 def write_classification_dataset(
     root: str | Path,
     *,
-    num_train_per_class: int = 160,
-    num_val_per_class: int = 40,
+    num_train_per_class: int = DEMO_TRAIN_PER_CLASS,
+    num_val_per_class: int = DEMO_VAL_PER_CLASS,
     image_size: int = 64,
     seed: int = 0,
     overwrite: bool = False,

@@ -274,9 +274,9 @@ def test_ensure_demo_data_and_main(tmp_path: Path, capsys: pytest.CaptureFixture
     path = ensure_demo_data(tmp_path / "demo")
     assert path == tmp_path / "demo" / "imagenet"
     for name in SHAPE_CLASSES:
-        assert len(list((path / "train" / name).glob("*.JPEG"))) == 160
-        assert len(list((path / "val" / name).glob("*.JPEG"))) == 40
-    with Image.open(path / "train" / "hexagon" / "hexagon_00159.JPEG") as image:
+        assert len(list((path / "train" / name).glob("*.JPEG"))) == shapes.DEMO_TRAIN_PER_CLASS
+        assert len(list((path / "val" / name).glob("*.JPEG"))) == shapes.DEMO_VAL_PER_CLASS
+    with Image.open(path / "train" / "hexagon" / f"hexagon_{shapes.DEMO_TRAIN_PER_CLASS - 1:05d}.JPEG") as image:
         assert image.size == (64, 64)
     before = _snapshot(path)
     assert shapes.main(["--root", str(tmp_path / "demo")]) == path
