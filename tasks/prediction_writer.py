@@ -1,4 +1,5 @@
-"""Writes ``predict`` results of the classification task to ``predictions.csv`` in the run directory."""
+"""Writes ``predict`` results into the run directory: ``predictions.csv`` (classification), ``predictions_coco.json``
+(detection, COCO results format)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-__all__ = ["ClassificationPredictionWriter"]
+from .coco_evaluation import CocoEvaluator
+
+__all__ = ["ClassificationPredictionWriter", "CocoPredictionWriter"]
 
 
 class ClassificationPredictionWriter(BasePredictionWriter):
@@ -66,3 +70,37 @@ class ClassificationPredictionWriter(BasePredictionWriter):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class CocoPredictionWriter(BasePredictionWriter):
+    """Collects the detection task's COCO result records and writes one ``predictions_coco.json`` (rank 0).
+
+    The file is a COCO results list (original category ids, ``xywh`` boxes, scores, RLE masks) that
+    ``COCO.loadRes`` and the official evaluator accept; under DDP every rank's records are gathered first.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        super().__init__(write_interval="batch")
+        self.run_dir = Path(run_dir)
+        self._results = CocoEvaluator("unused.json")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._results.reset()
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: dict[str, Any],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._results.update(prediction["records"], prediction["image_ids"])
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._results.gather()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._results.write_results(self.run_dir / "predictions_coco.json")

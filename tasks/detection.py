@@ -1,0 +1,226 @@
+"""Object detection and instance segmentation: torchvision RetinaNet / Mask R-CNN on any timm backbone.
+
+The recipe is the one the BiFormer and DaViT papers used through mmdetection (BiFormer ``object_detection/configs``):
+AdamW (lr 1e-4; weight decay 0.05 for Mask R-CNN, 1e-4 for RetinaNet; none on norms and biases), linear warmup over
+500 iterations from 0.001 x lr, then step decay x0.1 at epochs 8 and 11 of 12 (the 1x schedule; 3x = 36 epochs,
+steps at 27 and 33), stepped every iteration; gradient clipping and mixed precision come from the Trainer. The
+backbone gets a LayerNorm per output level and (optionally) frozen BatchNorm, as the papers' detection backbones do.
+
+Validation runs the official COCO evaluator on the dataset's annotation file (``tasks/coco_evaluation.py``), with
+every image evaluated once across DDP ranks; ``predict`` writes a COCO results JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as L
+import timm
+from timm.optim import create_optimizer_v2
+from timm.scheduler import MultiStepLRScheduler
+from torch import Tensor, nn
+
+from .backbone import ConfigError
+from .coco_evaluation import CocoEvaluator, detections_to_coco
+from .heads.detectors import DETECTORS, build_detector
+from .prediction_writer import CocoPredictionWriter
+
+__all__ = ["DetectionTask"]
+
+Batch = tuple[list[Tensor], list[dict[str, Any]]]
+_TARGET_KEYS = ("boxes", "labels", "masks")
+
+
+class DetectionTask(L.LightningModule):
+    """Train and evaluate a torchvision detector whose backbone is ``timm.create_model(backbone, features_only=True)``.
+
+    Args:
+        backbone: any timm-registered model name (the project's or timm's).
+        num_classes: foreground classes; linked from ``data.num_classes`` by ``train.py``.
+        detector: ``"retinanet"`` or ``"maskrcnn"`` (boxes and instance masks).
+        pretrained: start the backbone from its default pretrained weights.
+        pretrained_file: start the backbone from this local file (a classification run's ``model.safetensors``,
+            an official checkpoint the model's filter converts, ...).
+        drop_path_rate: backbone stochastic depth.
+        backbone_kwargs: other ``timm.create_model`` kwargs (``n_win``, ``window_size``, ...).
+        out_indices: backbone levels for the FPN; None: 1-3 for RetinaNet, 0-3 for Mask R-CNN.
+        fpn_channels: FPN width (256 in the papers).
+        level_norm: LayerNorm on every backbone output level.
+        freeze_bn: frozen BatchNorm in the backbone (mmdet ``norm_eval``).
+        frozen_stages: backbone levels kept frozen (-1: none).
+        detector_kwargs: torchvision detector kwargs (``min_size`` is ignored: the datamodule resizes).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay (not on norms and biases).
+        betas: AdamW betas.
+        warmup_iters: linear warmup length in iterations.
+        warmup_ratio: warmup starts at ``warmup_ratio * lr``.
+        lr_steps: epochs after which the learning rate is multiplied by ``lr_decay``.
+        lr_decay: step decay factor.
+        monitor: metric that selects ``best.ckpt`` (``val/bbox_AP`` or ``val/segm_AP``).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "biformer_small",
+        num_classes: int = 80,
+        detector: str = "maskrcnn",
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
+        drop_path_rate: float = 0.0,
+        backbone_kwargs: dict[str, Any] | None = None,
+        out_indices: Sequence[int] | None = None,
+        fpn_channels: int = 256,
+        level_norm: bool = True,
+        freeze_bn: bool = False,
+        frozen_stages: int = -1,
+        detector_kwargs: dict[str, Any] | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_iters: int = 500,
+        warmup_ratio: float = 0.001,
+        lr_steps: Sequence[int] = (8, 11),
+        lr_decay: float = 0.1,
+        monitor: str = "val/bbox_AP",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if detector not in DETECTORS:
+            raise ConfigError(f"model.detector {detector!r} is not supported: use one of {', '.join(DETECTORS)}")
+        if monitor not in ("val/bbox_AP", "val/segm_AP") or (monitor == "val/segm_AP" and detector != "maskrcnn"):
+            raise ConfigError(f"model.monitor {monitor!r} is not logged: use val/bbox_AP (or val/segm_AP for maskrcnn)")
+        kwargs = dict(backbone_kwargs or {})
+        if drop_path_rate:
+            kwargs["drop_path_rate"] = drop_path_rate
+        if pretrained or pretrained_file:
+            kwargs["pretrained"] = True
+        if pretrained_file:
+            kwargs["pretrained_cfg_overlay"] = dict(file=pretrained_file)
+        cfg = timm.get_pretrained_cfg(backbone)
+        mean = cfg.mean if cfg is not None else timm.data.IMAGENET_DEFAULT_MEAN
+        std = cfg.std if cfg is not None else timm.data.IMAGENET_DEFAULT_STD
+        self.model = build_detector(
+            detector,
+            backbone,
+            num_classes,
+            image_mean=mean,
+            image_std=std,
+            out_indices=out_indices,
+            fpn_channels=fpn_channels,
+            level_norm=level_norm,
+            freeze_bn=freeze_bn,
+            frozen_stages=frozen_stages,
+            backbone_kwargs=kwargs,
+            detector_kwargs=detector_kwargs,
+        )
+        self.iou_types = ("bbox", "segm") if detector == "maskrcnn" else ("bbox",)
+        self.monitor = monitor
+        self.evaluator: CocoEvaluator | None = None
+
+    def forward(self, images: list[Tensor], output_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict]:
+        """Detections per image; boxes/masks at ``output_sizes`` (the original image sizes) when given."""
+        if output_sizes is None:
+            return self.model(images)
+        with self.model.transform.output_sizes(output_sizes):
+            return self.model(images)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        images, targets = batch
+        losses = self.model(images, [{k: t[k] for k in _TARGET_KEYS if k in t} for t in targets])
+        loss = sum(losses.values())
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=len(images))
+        return loss
+
+    # ----- evaluation -----
+    def _category_ids(self) -> list[int]:
+        ids = getattr(self.trainer.datamodule, "category_ids", None)
+        if ids is None:
+            raise ConfigError("the datamodule has no category_ids: DetectionTask needs datamodules.coco.COCODataModule")
+        return list(ids)
+
+    def _coco_records(self, batch: Batch) -> tuple[list[dict], list[int]]:
+        images, targets = batch
+        detections = self(images, output_sizes=[tuple(t["orig_size"]) for t in targets])
+        ids = self._category_ids()
+        records = [r for d, t in zip(detections, targets) for r in detections_to_coco(d, int(t["image_id"]), ids)]
+        return records, [int(t["image_id"]) for t in targets]
+
+    def on_validation_epoch_start(self) -> None:
+        annotation_file = getattr(self.trainer.datamodule, "val_annotation_file", None)
+        if annotation_file is None:
+            raise ConfigError("the datamodule has no val_annotation_file: use datamodules.coco.COCODataModule")
+        if self.evaluator is None or self.evaluator.annotation_file != annotation_file:
+            self.evaluator = CocoEvaluator(annotation_file, self.iou_types)
+        self.evaluator.reset()
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self.evaluator.update(*self._coco_records(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        self.evaluator.gather()
+        stats = self.evaluator.compute()  # the same on every rank after the gather
+        for name, value in stats.items():
+            self.log(f"val/{name}", value, prog_bar=name in ("bbox_AP", "segm_AP"), sync_dist=False)
+
+    on_test_epoch_start = on_validation_epoch_start
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        self.evaluator.gather()
+        for name, value in self.evaluator.compute().items():
+            self.log(f"test/{name}", value, sync_dist=False)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        records, image_ids = self._coco_records(batch)
+        return {"records": records, "image_ids": image_ids}
+
+    def prediction_writer(self, run_dir: str) -> CocoPredictionWriter:
+        """The callback ``train.py predict`` adds: writes ``predictions_coco.json`` into the run directory."""
+        return CocoPredictionWriter(run_dir)
+
+    # ----- optimisation -----
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = create_optimizer_v2(
+            self.model, opt="adamw", lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas)
+        )
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
+        scheduler = MultiStepLRScheduler(
+            optimizer,
+            decay_t=[int(e) * steps_per_epoch for e in hp.lr_steps],
+            decay_rate=hp.lr_decay,
+            warmup_t=hp.warmup_iters,
+            warmup_lr_init=hp.lr * hp.warmup_ratio,
+            t_in_epochs=False,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: MultiStepLRScheduler, metric: Any) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+    def export_module(self) -> nn.Module:
+        """The trained backbone as a full timm model (no classifier), so ``timm.create_model`` can load it.
+
+        Modules a detector does not use (the final norm after the last stage) keep their initialisation.
+        """
+        body = self.model.backbone.body
+        full = timm.create_model(self.hparams.backbone, num_classes=0, **(self.hparams.backbone_kwargs or {}))
+        full_keys = set(full.state_dict())
+        state = {}
+        for key, value in body.state_dict().items():
+            # NOTE: features_only flattens nested module names ("stages.0" -> "stages_0")
+            candidates = [key, key.replace("_", ".", 1)]
+            match = next((k for k in candidates if k in full_keys), None)
+            if match is None:
+                raise RuntimeError(f"backbone key {key!r} has no counterpart in {self.hparams.backbone}")
+            state[match] = value
+        used = {k.split(".")[0] for k in state}
+        missing = {k for k in full_keys - set(state) if k.split(".")[0] in used}
+        if any(not k.endswith("num_batches_tracked") for k in missing):
+            raise RuntimeError(f"the detector's backbone lacks {sorted(missing)[:5]} of {self.hparams.backbone}")
+        full.load_state_dict(state, strict=False)
+        return full
