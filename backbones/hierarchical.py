@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, NormMlpClassifierHead, get_norm_layer, trunc_normal_
+from timm.layers import ClassifierHead, NormMlpClassifierHead, get_norm_layer, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
@@ -54,7 +54,8 @@ _DOWNSAMPLES = ("conv_norm", "norm_conv")
 _HEADS = ("linear", "norm")
 
 
-def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+@register_notrace_function  # NOTE: shape-dependent padding; a leaf for FX (which skips "_" names)
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     """Zero-pad the bottom/right of an NCHW map up to a multiple of ``multiple``."""
     pad_b, pad_r = -x.shape[-2] % multiple, -x.shape[-1] % multiple
     return F.pad(x, (0, pad_r, 0, pad_b)) if pad_b or pad_r else x
@@ -147,7 +148,7 @@ class Downsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.norm_first:
             x = self.norm(x)
-        x = self.conv(_pad_to_multiple(x, 2) if self.even else x)
+        x = self.conv(pad_to_multiple(x, 2) if self.even else x)
         return x if self.norm_first else self.norm(x)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, to_2tuple
+from timm.layers import DropPath, Mlp, register_notrace_module, to_2tuple
 from torch import nn
 
 from .factory import register_block
@@ -161,6 +161,7 @@ class _DaViTBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
+@register_notrace_module  # NOTE: window padding depends on the map size; a leaf for FX feature extraction
 class SpatialBlock(_DaViTBlock):
     """DaViT spatial-window block (Ding et al., "DaViT: Dual Attention Vision Transformers", arXiv 2204.03645).
 
