@@ -1,0 +1,603 @@
+"""COCO-layout detection and instance-segmentation data: annotation JSON + image folders, albumentations transforms.
+
+Layout (COCO 2017): ``root/annotations/instances_{train,val}2017.json`` and ``root/{train,val}2017/<file_name>``.
+Targets follow torchvision's detection models (boxes ``xyxy`` in pixels of the transformed image, contiguous labels
+``1..K``, optional ``uint8`` instance masks); images stay un-normalised because those models normalise inside.
+The resize is mmdetection's ``Resize(keep_ratio=True)`` (optionally multi-scale), the optional large-scale jitter is
+the one of Ghiasi et al.; COCO evaluation reads the annotation file itself (``tasks/coco_evaluation.py``), so crowd
+regions never enter the targets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import lightning.pytorch as L
+import numpy as np
+import torch
+from albumentations.core.type_definitions import Targets
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from pycocotools.coco import COCO
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import ConfigError, DataError
+from .image_folder import decode_rgb, seed_worker
+from .samplers import UnpaddedDistributedSampler
+
+__all__ = [
+    "COCODataModule",
+    "COCODetectionDataset",
+    "KeepRatioResize",
+    "build_detection_transform",
+    "collate_detection",
+    "load_coco_json",
+]
+
+logger = logging.getLogger(__name__)
+
+Sample = tuple[Tensor, dict[str, Any]]
+
+_REQUIRED_KEYS = ("images", "annotations", "categories")
+# NOTE: the ImageNet mean in 0-255, so LSJ padding is ~0 after the detector normalises (mmdet pads after Normalize).
+_PAD_FILL = (124.0, 116.0, 104.0)
+# NOTE: mmdet's FilterAnnotations(min_gt_bbox_wh=(1e-2, 1e-2)) after the LSJ crop: boxes a crop collapsed are dropped.
+_MIN_TRANSFORMED_SIZE = 1e-2
+
+
+def load_coco_json(path: Path, arg: str = "annotations") -> dict[str, Any]:
+    """Read a COCO annotation file; a file that is not COCO instances JSON is a one-line ``DataError``."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(
+            f"{path} is not valid JSON ({error}): point --data.init_args.{arg} to a COCO instances_*.json file"
+        ) from None
+    missing = [key for key in _REQUIRED_KEYS if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise DataError(
+            f"{path} is not a COCO annotation file (no {', '.join(repr(k) for k in missing)}): "
+            f"point --data.init_args.{arg} to a COCO instances_*.json file"
+        )
+    if not data["categories"]:
+        raise DataError(f"{path} lists no categories: a COCO annotation file needs its 'categories'")
+    return data
+
+
+class KeepRatioResize(A.DualTransform):
+    """Aspect-preserving resize into a (long, short) budget: mmdetection's ``Resize(keep_ratio=True)``.
+
+    "MMDetection: Open MMLab Detection Toolbox and Benchmark" (Chen et al., arXiv 1906.07155):
+    ``scale = r * min(long_max / max(H, W), short_max / min(H, W))``, output ``(round(H * scale), round(W * scale))``.
+    ``short_max`` may be a list, one value drawn per image (the multi-scale training of DETR/mmdet); ``r`` is drawn
+    uniformly from ``ratio_range`` (large-scale jitter; else 1).
+    Image ``(H, W, C)`` bilinear, masks ``(H, W)`` nearest; boxes are scale-invariant in albumentations' normalised
+    coordinates. The chosen ``scale`` and ``resized_hw`` are the transform's applied parameters.
+
+    Args:
+        long_max: bound on the long side.
+        short_max: bound on the short side, or the values to draw it from.
+        ratio_range: range of the extra random factor ``r``.
+        interpolation: OpenCV interpolation for the image.
+        p: probability of applying the transform.
+    """
+
+    _targets = (Targets.IMAGE, Targets.MASK, Targets.BBOXES)
+
+    def __init__(
+        self,
+        long_max: int,
+        short_max: int | Sequence[int],
+        ratio_range: tuple[float, float] = (1.0, 1.0),
+        interpolation: int = cv2.INTER_LINEAR,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        self.long_max = long_max
+        self.short_max = [short_max] if isinstance(short_max, int) else list(short_max)
+        self.ratio_range = tuple(ratio_range)
+        self.interpolation = interpolation
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        short = self.py_random.choice(self.short_max)
+        ratio = self.py_random.uniform(*self.ratio_range)
+        scale = ratio * min(self.long_max / max(height, width), short / min(height, width))
+        return {"scale": scale, "resized_hw": (max(1, round(height * scale)), max(1, round(width * scale)))}
+
+    def apply(self, img: np.ndarray, resized_hw: tuple[int, int], **params: Any) -> np.ndarray:
+        return cv2.resize(img, resized_hw[::-1], interpolation=self.interpolation)
+
+    def apply_to_mask(self, mask: np.ndarray, resized_hw: tuple[int, int], **params: Any) -> np.ndarray:
+        return cv2.resize(mask, resized_hw[::-1], interpolation=cv2.INTER_NEAREST)
+
+    def apply_to_bboxes(self, bboxes: np.ndarray, **params: Any) -> np.ndarray:
+        return bboxes
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("long_max", "short_max", "ratio_range", "interpolation")
+
+
+def build_detection_transform(
+    img_scale: tuple[int, int],
+    *,
+    train: bool,
+    multi_scale: Sequence[int] | None = None,
+    large_scale_jitter: tuple[float, float] | None = None,
+    hflip: float = 0.5,
+) -> A.Compose:
+    """Detection pipeline on HWC uint8 RGB arrays with ``bboxes`` (``pascal_voc``), ``instance_ids`` and ``masks``.
+
+    Eval: keep-ratio resize into ``img_scale = (long, short)``. Train: the same resize with the short bound drawn from
+    ``multi_scale`` when given, or large-scale jitter ("Simple Copy-Paste is a Strong Data Augmentation Method for
+    Instance Segmentation", Ghiasi et al., arXiv 2012.07177: keep-ratio resize times ``r ~ U(large_scale_jitter)``,
+    then a random ``short x long`` (H x W) crop, padded at the bottom/right where the image is smaller; the papers use a
+    square ``img_scale`` such as (1024, 1024)); then a horizontal flip.
+    """
+    long_max, short_max = (int(v) for v in img_scale)
+    steps: list = []
+    if train and large_scale_jitter is not None:
+        steps.append(KeepRatioResize(long_max, short_max, ratio_range=tuple(large_scale_jitter)))
+        steps.append(
+            A.RandomCrop(short_max, long_max, pad_if_needed=True, pad_position="top_left", fill=_PAD_FILL, fill_mask=0)
+        )
+    else:
+        steps.append(KeepRatioResize(long_max, list(multi_scale) if train and multi_scale else short_max))
+    if train and hflip > 0:
+        steps.append(A.HorizontalFlip(p=hflip))
+    return A.Compose(
+        steps,
+        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["instance_ids"], clip=True),
+        save_applied_params=True,
+    )
+
+
+def collate_detection(batch: Sequence[Sample]) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """Lists of images and targets: sizes differ per image and torchvision detectors batch them themselves."""
+    return [image for image, _ in batch], [target for _, target in batch]
+
+
+@dataclass(frozen=True)
+class _ImageRecord:
+    image_id: int
+    file_name: str
+    height: int
+    width: int
+    boxes: np.ndarray  # (N, 4) float32 xyxy, clipped to the image
+    labels: np.ndarray  # (N,) int64 in 1..K
+    ann_ids: tuple[int, ...]
+
+
+def _mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """Tight ``xyxy`` boxes (pixel edges) of ``(N, H, W)`` masks; an empty mask gives a zero-size box."""
+    boxes = np.zeros((len(masks), 4), dtype=np.float32)
+    for i, mask in enumerate(masks):
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    return boxes
+
+
+class COCODetectionDataset(Dataset):
+    """One split of a COCO-format dataset (Lin et al., "Microsoft COCO: Common Objects in Context", arXiv 1405.0312).
+
+    Category ids (not contiguous) map to labels ``1..K`` in sorted-id order; crowd annotations (``iscrowd=1``) are
+    left out; boxes ``[x, y, w, h]`` become ``xyxy``, are clipped to the image, and dropped (with their masks) when
+    ``w`` or ``h < min_box_size``. Images left without instances are skipped when ``skip_empty``. Every drop is counted
+    (``counts``). Masks decode from polygons and from compressed or uncompressed RLE through pycocotools.
+
+    Returns ``(image, target)``: image float32 ``(3, H, W)`` in [0, 1]; target ``boxes`` float32 ``(N, 4)``,
+    ``labels`` int64 ``(N,)``, ``masks`` uint8 ``(N, H, W)`` when ``with_masks``, ``image_id``, ``orig_size``
+    ``(h, w)`` on disk, and ``scale`` ``(sy, sx)`` of the resize (transformed = original * scale, before any crop).
+
+    Args:
+        annotation_file: the split's COCO JSON.
+        image_dir: folder holding the split's ``file_name`` entries.
+        transform: an albumentations pipeline from ``build_detection_transform`` (None: no resize, no flip).
+        with_masks: decode instance masks.
+        skip_empty: leave out images without a (non-crowd, non-degenerate) instance.
+        min_box_size: smallest kept box side in pixels after clipping.
+        category_ids: the label order to use (default: this file's sorted ids); the file must list the same ids.
+        annotations: the already parsed JSON of ``annotation_file``, to avoid reading it twice.
+    """
+
+    def __init__(
+        self,
+        annotation_file: str | Path,
+        image_dir: str | Path,
+        transform: A.Compose | None = None,
+        *,
+        with_masks: bool = False,
+        skip_empty: bool = False,
+        min_box_size: float = 1.0,
+        category_ids: Sequence[int] | None = None,
+        annotations: dict[str, Any] | None = None,
+    ) -> None:
+        self.annotation_file = Path(annotation_file)
+        self.image_dir = Path(image_dir)
+        self.transform = transform
+        self.with_masks = with_masks
+        self.min_box_size = float(min_box_size)
+        data = annotations if annotations is not None else load_coco_json(self.annotation_file)
+        self.coco = COCO()
+        self.coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco.createIndex()
+        file_ids = sorted(int(c["id"]) for c in data["categories"])
+        self.category_ids = list(category_ids) if category_ids is not None else file_ids
+        if file_ids != self.category_ids:
+            raise DataError(
+                f"{self.annotation_file} has category ids {file_ids[:8]}... but the other split has "
+                f"{self.category_ids[:8]}...: both annotation files need the same categories"
+            )
+        self.label_of = {cat_id: i + 1 for i, cat_id in enumerate(self.category_ids)}
+        self.crowd_annotations = self.degenerate_boxes = self.empty_images = self.empty_images_skipped = 0
+        try:
+            records = [self._record(image) for image in sorted(data["images"], key=lambda im: im["id"])]
+        except DataError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise DataError(
+                f"{self.annotation_file}: malformed COCO entry ({type(error).__name__}: {error}): "
+                "fix the annotation file"
+            ) from None
+        self.empty_images = sum(len(r.ann_ids) == 0 for r in records)
+        if skip_empty:
+            self.empty_images_skipped = self.empty_images
+            records = [r for r in records if r.ann_ids]
+        self.records = records
+
+    def _record(self, image: dict[str, Any]) -> _ImageRecord:
+        height, width = int(image["height"]), int(image["width"])
+        boxes, labels, ann_ids = [], [], []
+        for ann in self.coco.imgToAnns.get(image["id"], []):
+            if ann.get("iscrowd", 0):
+                self.crowd_annotations += 1
+                continue
+            label = self.label_of.get(int(ann["category_id"]))
+            if label is None:
+                raise DataError(
+                    f"{self.annotation_file}: annotation {ann.get('id')} has category_id {ann['category_id']}, "
+                    "which 'categories' does not list: fix the annotation file"
+                )
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            x0, x1 = min(max(x, 0.0), width), min(max(x + w, 0.0), width)
+            y0, y1 = min(max(y, 0.0), height), min(max(y + h, 0.0), height)
+            if x1 - x0 < self.min_box_size or y1 - y0 < self.min_box_size or x1 <= x0 or y1 <= y0:
+                self.degenerate_boxes += 1
+                continue
+            boxes.append((x0, y0, x1, y1))
+            labels.append(label)
+            ann_ids.append(int(ann["id"]))
+        return _ImageRecord(
+            image_id=int(image["id"]),
+            file_name=str(image["file_name"]),
+            height=height,
+            width=width,
+            boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            labels=np.asarray(labels, dtype=np.int64),
+            ann_ids=tuple(ann_ids),
+        )
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """What this split holds and what was left out of its targets."""
+        return {
+            "images": len(self.records),
+            "instances": sum(len(r.ann_ids) for r in self.records),
+            "crowd_annotations": self.crowd_annotations,
+            "degenerate_boxes": self.degenerate_boxes,
+            "empty_images": self.empty_images,
+            "empty_images_skipped": self.empty_images_skipped,
+        }
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [r.image_id for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _decode(self, record: _ImageRecord) -> np.ndarray:
+        path = self.image_dir / record.file_name
+        try:
+            image = decode_rgb(str(path))
+        except FileNotFoundError:
+            raise DataError(
+                f"missing image {path} (listed in {self.annotation_file}): restore it or remove its entry"
+            ) from None
+        if image.shape[:2] != (record.height, record.width):
+            raise DataError(
+                f"{path} is {image.shape[1]}x{image.shape[0]} but {self.annotation_file} says "
+                f"{record.width}x{record.height}: fix the image or its width/height entry"
+            )
+        return image
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.records[index]
+        image = self._decode(record)
+        masks = None
+        if self.with_masks and record.ann_ids:
+            masks = np.stack([self.coco.annToMask(self.coco.anns[a]) for a in record.ann_ids])
+        boxes, labels, resized_hw = record.boxes, record.labels, (record.height, record.width)
+        if self.transform is not None:
+            data = {"image": image, "bboxes": boxes, "instance_ids": np.arange(len(labels))}
+            if masks is not None:
+                data["masks"] = masks
+            out = self.transform(**data)
+            image = out["image"]
+            keep = np.asarray(out["instance_ids"], dtype=np.int64)
+            boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+            labels = labels[keep]
+            masks = np.asarray(out["masks"])[keep] if masks is not None else None
+            applied = dict(out["applied_transforms"])
+            resized_hw = applied["KeepRatioResize"]["resized_hw"] if "KeepRatioResize" in applied else resized_hw
+            if masks is not None and "RandomCrop" in applied:
+                boxes = _mask_boxes(masks)  # NOTE: mmdet's recompute_bbox: a crop cuts masks, not just boxes
+            valid = (boxes[:, 2] - boxes[:, 0] > _MIN_TRANSFORMED_SIZE) & (
+                boxes[:, 3] - boxes[:, 1] > _MIN_TRANSFORMED_SIZE
+            )
+            boxes, labels = boxes[valid], labels[valid]
+            masks = masks[valid] if masks is not None else None
+        height, width = image.shape[:2]
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+        target: dict[str, Any] = {
+            "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
+            "labels": torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
+            "image_id": record.image_id,
+            "orig_size": (record.height, record.width),
+            "scale": (resized_hw[0] / record.height, resized_hw[1] / record.width),
+        }
+        if self.with_masks:
+            if masks is None:
+                masks = np.zeros((0, height, width), dtype=np.uint8)
+            target["masks"] = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8))
+        return tensor, target
+
+    def reseed(self, seed: int) -> None:
+        """Reseed the transform's random generators (albumentations keeps its own, which forked workers share)."""
+        if self.transform is not None:
+            self.transform.set_random_seed(seed)
+
+
+def _check_args(
+    img_scale: Sequence[int],
+    multi_scale: Sequence[int] | None,
+    large_scale_jitter: Sequence[float] | None,
+    hflip: float,
+    min_box_size: float,
+    batch_size: int,
+    eval_batch_size: int | None,
+) -> None:
+    if len(img_scale) != 2 or min(img_scale) < 1 or img_scale[0] < img_scale[1]:
+        raise ConfigError(
+            f"data.img_scale {list(img_scale)} must be [long, short] with long >= short >= 1, e.g. [1333, 800]"
+        )
+    if multi_scale is not None and (not multi_scale or min(multi_scale) < 1):
+        raise ConfigError(
+            f"data.multi_scale {multi_scale} must be a non-empty list of short sides, e.g. [480, 512, 800]"
+        )
+    if large_scale_jitter is not None and (
+        len(large_scale_jitter) != 2 or not 0 < large_scale_jitter[0] <= large_scale_jitter[1]
+    ):
+        raise ConfigError(f"data.large_scale_jitter {large_scale_jitter} must be [min, max] with 0 < min <= max")
+    if multi_scale is not None and large_scale_jitter is not None:
+        raise ConfigError("data.multi_scale and data.large_scale_jitter are two training scale policies: set only one")
+    if not 0.0 <= hflip <= 1.0:
+        raise ConfigError(f"data.hflip {hflip} is a probability: use a value in [0, 1]")
+    if min_box_size < 0:
+        raise ConfigError(f"data.min_box_size {min_box_size} must be >= 0 (pixels)")
+    if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+        raise ConfigError(f"data.batch_size {batch_size} / data.eval_batch_size {eval_batch_size} must be >= 1")
+
+
+class COCODataModule(L.LightningDataModule):
+    """COCO 2017 (or any dataset in its layout) for object detection and instance segmentation.
+
+    Lin et al., "Microsoft COCO: Common Objects in Context" (arXiv 1405.0312). Batches are
+    ``(list[image (3, H_i, W_i) float32 in [0, 1]], list[target])`` (see ``COCODetectionDataset``); label ``l`` in
+    ``1..K`` is category id ``category_ids[l - 1]``. ``num_classes`` is known right after construction (from the val
+    annotation file), so the CLI can link it into the model.
+
+    Args:
+        root: dataset folder.
+        train_annotations: train annotation file, relative to ``root`` (or absolute).
+        val_annotations: val annotation file, relative to ``root`` (or absolute).
+        train_images: train image folder, relative to ``root``.
+        val_images: val image folder, relative to ``root``.
+        with_masks: decode instance masks (Mask R-CNN).
+        img_scale: (long, short) bound of the keep-ratio resize, as mmdet's ``img_scale=(1333, 800)``.
+        multi_scale: training short-side bounds, one drawn per image (None: ``img_scale[1]``).
+        large_scale_jitter: (min, max) random factor of the training resize, then a crop/pad to
+            ``img_scale[1] x img_scale[0]`` (H x W); None disables it.
+        hflip: training horizontal-flip probability.
+        skip_empty_train: leave training images without instances out (validation keeps every image).
+        min_box_size: boxes narrower or lower than this (pixels, after clipping) are dropped and counted.
+        batch_size: training images per device.
+        eval_batch_size: validation/test/predict images per device (default: ``batch_size``).
+        num_workers: loader worker processes per device.
+        pin_memory: pin host memory for faster host-to-device copies.
+        persistent_workers: keep workers alive between epochs.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/coco",
+        train_annotations: str = "annotations/instances_train2017.json",
+        val_annotations: str = "annotations/instances_val2017.json",
+        train_images: str = "train2017",
+        val_images: str = "val2017",
+        with_masks: bool = False,
+        img_scale: tuple[int, int] = (1333, 800),
+        multi_scale: list[int] | None = None,
+        large_scale_jitter: tuple[float, float] | None = None,
+        hflip: float = 0.5,
+        skip_empty_train: bool = True,
+        min_box_size: float = 1.0,
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        _check_args(img_scale, multi_scale, large_scale_jitter, hflip, min_box_size, batch_size, eval_batch_size)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(
+                f"COCO root {self.root} does not exist: set --data.init_args.root to the folder holding annotations/"
+            )
+        self.train_annotation_file = self._file(train_annotations, "train_annotations")
+        self.val_annotation_file = self._file(val_annotations, "val_annotations")
+        self.train_image_dir = self._folder(train_images, "train_images")
+        self.val_image_dir = self._folder(val_images, "val_images")
+        self._val_json: dict[str, Any] | None = load_coco_json(self.val_annotation_file, "val_annotations")
+        categories = sorted(self._val_json["categories"], key=lambda c: int(c["id"]))
+        self.category_ids = [int(c["id"]) for c in categories]
+        self.class_names = [str(c.get("name", c["id"])) for c in categories]
+        self._label_of = {cat_id: i + 1 for i, cat_id in enumerate(self.category_ids)}
+        self.train_set: COCODetectionDataset | None = None
+        self.val_set: COCODetectionDataset | None = None
+        self._val_coco: COCO | None = None
+
+    def _file(self, relative: str, arg: str) -> Path:
+        path = self.root / relative
+        if not path.is_file():
+            raise DataError(
+                f"missing annotation file {path}: fix --data.init_args.{arg} (relative to root or absolute)"
+            )
+        return path
+
+    def _folder(self, relative: str, arg: str) -> Path:
+        path = self.root / relative
+        if not path.is_dir():
+            raise DataError(f"missing image folder {path}: fix --data.init_args.{arg} (relative to root or absolute)")
+        return path
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+    def label_to_category_id(self, label: int) -> int:
+        """The annotation file's category id of contiguous label ``1..K``."""
+        if not 1 <= int(label) <= self.num_classes:
+            raise ValueError(f"label {label} is outside 1..{self.num_classes} (0 is the background)")
+        return self.category_ids[int(label) - 1]
+
+    def category_id_to_label(self, category_id: int) -> int:
+        """The contiguous label ``1..K`` of an annotation file's category id."""
+        if int(category_id) not in self._label_of:
+            raise ValueError(f"category id {category_id} is not among {self.val_annotation_file}'s categories")
+        return self._label_of[int(category_id)]
+
+    @property
+    def val_coco(self) -> COCO:
+        """The pycocotools ``COCO`` of the val annotation file (built on first use)."""
+        if self.val_set is not None:
+            return self.val_set.coco
+        if self._val_coco is None:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self._val_coco = COCO(str(self.val_annotation_file))
+        return self._val_coco
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per built split: images, instances, crowd annotations, degenerate boxes, empty images (skipped)."""
+        sets = {"train": self.train_set, "val": self.val_set}
+        return {split: ds.counts for split, ds in sets.items() if ds is not None}
+
+    def _transform(self, train: bool) -> A.Compose:
+        hp = self.hparams
+        return build_detection_transform(
+            tuple(hp.img_scale),
+            train=train,
+            multi_scale=hp.multi_scale,
+            large_scale_jitter=tuple(hp.large_scale_jitter) if hp.large_scale_jitter is not None else None,
+            hflip=hp.hflip,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = COCODetectionDataset(
+                self.train_annotation_file,
+                self.train_image_dir,
+                self._transform(train=True),
+                with_masks=hp.with_masks,
+                skip_empty=hp.skip_empty_train,
+                min_box_size=hp.min_box_size,
+                category_ids=self.category_ids,
+            )
+            self._log_counts("train", self.train_set)
+        if self.val_set is None:
+            self.val_set = COCODetectionDataset(
+                self.val_annotation_file,
+                self.val_image_dir,
+                self._transform(train=False),
+                with_masks=hp.with_masks,
+                skip_empty=False,
+                min_box_size=hp.min_box_size,
+                category_ids=self.category_ids,
+                annotations=self._val_json,
+            )
+            self._val_json = None
+            self._log_counts("val", self.val_set)
+
+    @staticmethod
+    def _log_counts(split: str, dataset: COCODetectionDataset) -> None:
+        if rank_zero_only.rank != 0:
+            return
+        c = dataset.counts
+        logger.info(
+            f"coco {split}: {c['degenerate_boxes']} degenerate boxes dropped, {c['empty_images_skipped']} empty images "
+            f"skipped ({c['images']} images, {c['instances']} instances, {c['empty_images']} images without instances, "
+            f"{c['crowd_annotations']} crowd annotations left to COCOeval)"
+        )
+
+    def _loader(self, dataset: COCODetectionDataset, train: bool) -> DataLoader:
+        hp = self.hparams
+        sampler = None
+        if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = UnpaddedDistributedSampler(dataset)
+        if train and hp.num_workers == 0:
+            dataset.reseed(int(torch.randint(2**31, ()).item()))
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
+            shuffle=train,
+            sampler=sampler,
+            num_workers=hp.num_workers,
+            collate_fn=collate_detection,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            worker_init_fn=seed_worker,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        if len(self.train_set) == 0:
+            raise DataError(f"{self.train_annotation_file} has no image with a usable instance: check the annotations")
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup("validate")
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
