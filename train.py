@@ -8,6 +8,7 @@ summary.json, model.safetensors, pretrained_cfg.json). Rerunning ``fit`` with th
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from datetime import datetime
@@ -41,6 +42,13 @@ def default_run_name(task: str, backbone: str) -> str:
     return f"{task}-{backbone}-{stamp}"
 
 
+# demo layouts under DEMO_ROOT and the generator that writes each on first use
+_DEMO_GENERATORS = {
+    "imagenet": ("datamodules.shapes", "ensure_demo_data"),
+    "coco": ("datamodules.shapes_coco", "ensure_demo_coco"),
+}
+
+
 class StrataCLI(LightningCLI):
     """LightningCLI with the run directory contract, auto-resume and the demo data generated on first use."""
 
@@ -60,10 +68,9 @@ class StrataCLI(LightningCLI):
         self.run_name = name
         self.run_dir = Path(config.out_dir) / name
         data_root = Path(str(config.data.init_args.get("root", "")))
-        if data_root == DEMO_ROOT / "imagenet":
-            from datamodules.shapes import ensure_demo_data
-
-            ensure_demo_data(DEMO_ROOT)  # NOTE: a no-op once the demo data exist
+        if data_root.parent == DEMO_ROOT and data_root.name in _DEMO_GENERATORS:
+            module, function = _DEMO_GENERATORS[data_root.name]
+            getattr(importlib.import_module(module), function)(DEMO_ROOT)  # NOTE: a no-op once the data exist
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = dict(self._get(self.config_init, "trainer", default={}))

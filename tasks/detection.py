@@ -50,6 +50,7 @@ class DetectionTask(L.LightningModule):
         freeze_bn: frozen BatchNorm in the backbone (mmdet ``norm_eval``).
         frozen_stages: backbone levels kept frozen (-1: none).
         detector_kwargs: torchvision detector kwargs (``min_size`` is ignored: the datamodule resizes).
+        roi_head_width: Mask R-CNN head width (None: the papers' 256-channel mask convs and 1024-d box MLP).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay (not on norms and biases).
         betas: AdamW betas.
@@ -75,6 +76,7 @@ class DetectionTask(L.LightningModule):
         freeze_bn: bool = False,
         frozen_stages: int = -1,
         detector_kwargs: dict[str, Any] | None = None,
+        roi_head_width: int | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -113,6 +115,7 @@ class DetectionTask(L.LightningModule):
             frozen_stages=frozen_stages,
             backbone_kwargs=kwargs,
             detector_kwargs=detector_kwargs,
+            roi_head_width=roi_head_width,
         )
         self.iou_types = ("bbox", "segm") if detector == "maskrcnn" else ("bbox",)
         self.monitor = monitor

@@ -186,3 +186,14 @@ def test_no_detections_scores_zero(tmp_path: Path) -> None:
     evaluator = CocoEvaluator(tmp_path / "gt.json")
     evaluator.update([], [5, 9])
     assert evaluator.compute()["bbox_AP"] == 0.0
+
+
+def test_roi_head_width_slims_the_mask_rcnn_heads() -> None:
+    kwargs = dict(fpn_channels=32, backbone_kwargs=PICO)
+    slim = build_detector("maskrcnn", "strata_hybrid_pico", 3, (0.5,) * 3, (0.25,) * 3, roi_head_width=16, **kwargs)
+    wide = build_detector("maskrcnn", "strata_hybrid_pico", 3, (0.5,) * 3, (0.25,) * 3, **kwargs)
+    assert slim.roi_heads.mask_head[0][0].out_channels == 16 and wide.roi_heads.mask_head[0][0].out_channels == 256
+    assert (
+        slim.roi_heads.box_predictor.cls_score.out_features == wide.roi_heads.box_predictor.cls_score.out_features == 4
+    )
+    assert slim.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4

@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .feature_pyramid import TimmFeaturePyramid
@@ -73,6 +75,7 @@ def build_detector(
     frozen_stages: int = -1,
     backbone_kwargs: dict[str, Any] | None = None,
     detector_kwargs: dict[str, Any] | None = None,
+    roi_head_width: int | None = None,
 ) -> nn.Module:
     """RetinaNet (arXiv 1708.02002) or Mask R-CNN (arXiv 1703.06870) for ``num_classes`` foreground classes.
 
@@ -92,6 +95,8 @@ def build_detector(
         frozen_stages: backbone levels frozen (-1: none).
         backbone_kwargs: ``timm.create_model`` kwargs.
         detector_kwargs: torchvision detector kwargs (``score_thresh``, ``detections_per_img``, anchor generator...).
+        roi_head_width: Mask R-CNN only: width of the mask head's four convs (box MLP: 4x this); None keeps the
+            papers' 256 / 1024. Small widths make CPU training practical.
     """
     if detector not in DETECTORS:
         raise ValueError(f"detector={detector!r} must be one of {DETECTORS}")
@@ -107,6 +112,16 @@ def build_detector(
         **(backbone_kwargs or {}),
     )
     kwargs = dict(detector_kwargs or {})
-    model = (RetinaNet if retina else MaskRCNN)(pyramid, num_classes=num_classes + 1, **kwargs)
+    if roi_head_width is not None and not retina:
+        width, classes, pooled = roi_head_width, num_classes + 1, fpn_channels * 7 * 7
+        kwargs.update(
+            box_head=TwoMLPHead(pooled, 4 * width),
+            box_predictor=FastRCNNPredictor(4 * width, classes),
+            mask_head=MaskRCNNHeads(fpn_channels, [width] * 4, 1),
+            mask_predictor=MaskRCNNPredictor(width, width, classes),
+        )
+    model = (RetinaNet if retina else MaskRCNN)(
+        pyramid, num_classes=None if "box_predictor" in kwargs else num_classes + 1, **kwargs
+    )
     model.transform = DatamoduleSizedTransform(image_mean, image_std)
     return model
