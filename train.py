@@ -75,7 +75,9 @@ class StrataCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = dict(self._get(self.config_init, "trainer", default={}))
         loggers = trainer_cfg.get("logger")
-        csv_logger = CSVLogger(save_dir=str(self.run_dir.parent), name=self.run_name, version="")
+        # NOTE: fit logs to <run>/metrics.csv; validate/test/predict to <run>/<subcommand>/ so they never clobber it
+        version = "" if self.subcommand == "fit" else self.subcommand
+        csv_logger = CSVLogger(save_dir=str(self.run_dir.parent), name=self.run_name, version=version)
         if loggers is False:
             kwargs["logger"] = False
         elif loggers is None or loggers is True:
