@@ -197,3 +197,58 @@ def test_roi_head_width_slims_the_mask_rcnn_heads() -> None:
         slim.roi_heads.box_predictor.cls_score.out_features == wide.roi_heads.box_predictor.cls_score.out_features == 4
     )
     assert slim.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4
+
+
+@pytest.mark.parametrize("detector", ["retinanet", "maskrcnn"])
+def test_bf16_autocast_step_and_eval(detector: str) -> None:
+    model = build_detector(
+        detector, "strata_hybrid_pico", 3, (0.5,) * 3, (0.25,) * 3, fpn_channels=32, backbone_kwargs=PICO
+    ).train()
+    images, targets = _targets(with_masks=detector == "maskrcnn")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sum(model(images, targets).values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        detections = model.eval()(images)
+    records = detections_to_coco(detections[0], 1, [3, 7, 9])
+    assert all(isinstance(r["bbox"][0], float) for r in records)
+
+
+def _gather_worker(rank: int, world: int, port: int, annotation_file: str, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        evaluator = CocoEvaluator(annotation_file)
+        image_id = (5, 9)[rank]  # each rank evaluates one image
+        boxes = {5: [[5.0, 5.0, 25.0, 35.0], [40.0, 10.0, 70.0, 50.0]], 9: [[10.0, 20.0, 35.0, 45.0]]}[image_id]
+        labels = {5: [1, 2], 9: [2]}[image_id]
+        detection = {"boxes": torch.tensor(boxes), "scores": torch.ones(len(boxes)), "labels": torch.tensor(labels)}
+        evaluator.update(detections_to_coco(detection, image_id, [3, 7]), [image_id])
+        evaluator.gather()
+        queue.put((rank, sorted(evaluator.image_ids), len(evaluator.records), evaluator.compute()["bbox_AP"]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluator_gathers_every_rank_once(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    _write_coco(tmp_path / "gt.json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, str(tmp_path / "gt.json"), queue)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [r[1] for r in results] == [[5, 9], [5, 9]]  # both ranks see both images, once
+    assert [r[2] for r in results] == [3, 3]
+    assert results[0][3] == results[1][3] == pytest.approx(1.0)  # together the two halves are the ground truth
