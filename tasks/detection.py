@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .backbone import ConfigError
 from .coco_evaluation import CocoEvaluator, detections_to_coco
+from .export import backbone_from_features
 from .heads.detectors import DETECTORS, build_detector
 from .prediction_writer import CocoPredictionWriter
 
@@ -206,24 +207,6 @@ class DetectionTask(L.LightningModule):
         scheduler.step_update(num_updates=self.global_step)
 
     def export_module(self) -> nn.Module:
-        """The trained backbone as a full timm model (no classifier), so ``timm.create_model`` can load it.
-
-        Modules a detector does not use (the final norm after the last stage) keep their initialisation.
-        """
-        body = self.model.backbone.body
-        full = timm.create_model(self.hparams.backbone, num_classes=0, **(self.hparams.backbone_kwargs or {}))
-        full_keys = set(full.state_dict())
-        state = {}
-        for key, value in body.state_dict().items():
-            # NOTE: features_only flattens nested module names ("stages.0" -> "stages_0")
-            candidates = [key, key.replace("_", ".", 1)]
-            match = next((k for k in candidates if k in full_keys), None)
-            if match is None:
-                raise RuntimeError(f"backbone key {key!r} has no counterpart in {self.hparams.backbone}")
-            state[match] = value
-        used = {k.split(".")[0] for k in state}
-        missing = {k for k in full_keys - set(state) if k.split(".")[0] in used}
-        if any(not k.endswith("num_batches_tracked") for k in missing):
-            raise RuntimeError(f"the detector's backbone lacks {sorted(missing)[:5]} of {self.hparams.backbone}")
-        full.load_state_dict(state, strict=False)
-        return full
+        """The trained backbone as a full timm model (no classifier), so ``timm.create_model`` can load it."""
+        hp = self.hparams
+        return backbone_from_features(hp.backbone, self.model.backbone.body, **(hp.backbone_kwargs or {}))

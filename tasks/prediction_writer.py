@@ -1,5 +1,5 @@
 """Writes ``predict`` results into the run directory: ``predictions.csv`` (classification), ``predictions_coco.json``
-(detection, COCO results format)."""
+(detection, COCO results format), ``predictions/<name>.png`` (segmentation label maps)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from .coco_evaluation import CocoEvaluator
 
-__all__ = ["ClassificationPredictionWriter", "CocoPredictionWriter"]
+__all__ = ["ClassificationPredictionWriter", "CocoPredictionWriter", "SegmentationPredictionWriter"]
 
 
 class ClassificationPredictionWriter(BasePredictionWriter):
@@ -104,3 +104,35 @@ class CocoPredictionWriter(BasePredictionWriter):
         if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._results.write_results(self.run_dir / "predictions_coco.json")
+
+
+class SegmentationPredictionWriter(BasePredictionWriter):
+    """One PNG label map per image in ``predictions/``, in ADE20K's label space: predicted class index + 1.
+
+    Files are written under a temporary name and renamed, so a killed run never leaves a truncated PNG.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        super().__init__(write_interval="batch")
+        self.out_dir = Path(run_dir) / "predictions"
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: dict[str, Any],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        from PIL import Image
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for pred, name in zip(prediction["preds"], prediction["names"]):
+            if int(pred.max()) >= 255:
+                raise ValueError(f"{pred.max()} classes do not fit an 8-bit PNG label map")
+            target = self.out_dir / f"{name}.png"
+            tmp = target.with_name(f".{target.name}.tmp")
+            Image.fromarray((pred.to(torch.uint8) + 1).numpy(), mode="L").save(tmp, format="PNG")
+            tmp.replace(target)
