@@ -46,6 +46,7 @@ def default_run_name(task: str, backbone: str) -> str:
 _DEMO_GENERATORS = {
     "imagenet": ("datamodules.shapes", "ensure_demo_data"),
     "coco": ("datamodules.shapes_coco", "ensure_demo_coco"),
+    "ade20k": ("datamodules.shapes_ade20k", "ensure_demo_ade20k"),
 }
 
 

@@ -74,7 +74,8 @@ class SegmentationNet(nn.Module):
         if head == "upernet":
             self.decode_head = UperNetHead(channels, num_classes, channels=head_channels or 512)
         else:
-            self.decode_head = SemanticFPNHead(channels, num_classes, channels=head_channels or 128)
+            width = head_channels or 128  # NOTE: the FPN is twice the branch width (256 / 128 in the paper)
+            self.decode_head = SemanticFPNHead(channels, num_classes, fpn_channels=2 * width, channels=width)
         self.aux_head = FCNHead(channels[2], num_classes, channels=(head_channels or 512) // 2) if aux_head else None
 
     def forward(self, images: Tensor, with_aux: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
@@ -99,7 +100,7 @@ class SegmentationTask(L.LightningModule):
         pretrained_file: start the backbone from this local file.
         drop_path_rate: backbone stochastic depth.
         backbone_kwargs: other ``timm.create_model`` kwargs (``n_win``, ...).
-        head_channels: decode head width (None: UperNet 512, Semantic FPN 128).
+        head_channels: decode head width (None: UperNet 512, Semantic FPN 128 with a 256-channel FPN).
         aux_head: auxiliary FCN head on stage 3; None: on for UperNet (its recipe), off for Semantic FPN.
         aux_weight: its loss weight.
         level_norm: LayerNorm on every backbone level.
@@ -113,8 +114,8 @@ class SegmentationTask(L.LightningModule):
         warmup_ratio: warmup starts at ``warmup_ratio * lr``.
         min_lr: final learning rate.
         inference: ``"whole"`` or ``"slide"``.
-        crop_size: sliding-window crop.
-        stride: sliding-window stride.
+        slide_crop: sliding-window crop size.
+        slide_stride: sliding-window stride.
         flip: also predict on the flipped image and average (test-time augmentation).
         scales: extra test scales (e.g. ``[0.5, 0.75, 1.0, 1.25, 1.5, 1.75]``), logits averaged; None for single scale.
     """
@@ -142,8 +143,8 @@ class SegmentationTask(L.LightningModule):
         warmup_ratio: float = 1e-6,
         min_lr: float = 0.0,
         inference: str = "whole",
-        crop_size: int = 512,
-        stride: int = 341,
+        slide_crop: int = 512,
+        slide_stride: int = 341,
         flip: bool = False,
         scales: Sequence[float] | None = None,
     ) -> None:
@@ -178,7 +179,7 @@ class SegmentationTask(L.LightningModule):
             for flipped in (False, True) if hp.flip else (False,):
                 inp = x.flip(-1) if flipped else x
                 if hp.inference == "slide":
-                    out = slide_inference(self.model, inp, hp.num_classes, hp.crop_size, hp.stride)
+                    out = slide_inference(self.model, inp, hp.num_classes, hp.slide_crop, hp.slide_stride)
                 else:
                     out = self.model(inp)
                 out = out.flip(-1) if flipped else out

@@ -1,0 +1,572 @@
+"""ADE20K-layout semantic-segmentation data (ADEChallengeData2016) with mmsegmentation's standard pipeline.
+
+Layout: ``root/images/{training,validation}/NAME.jpg`` paired with ``root/annotations/{training,validation}/NAME.png``
+(single-channel, 0 = "other", ``1..K`` = classes). Training follows mmseg's ADE20K recipe (configs/_base_/datasets/
+ade20k.py): keep-ratio ``RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0))`` -> ``RandomCrop(512,
+cat_max_ratio=0.75)`` -> flip -> ``PhotoMetricDistortion`` -> normalise -> pad to the crop (image 0 after
+normalisation, label 255). Evaluation resizes keep-ratio into (2048, 512) and keeps the label at its original size.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import lightning.pytorch as L
+import numpy as np
+import torch
+from albumentations.core.type_definitions import Targets
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .coco import KeepRatioResize
+from .errors import ConfigError, DataError
+from .image_folder import decode_rgb, seed_worker
+from .samplers import UnpaddedDistributedSampler
+
+__all__ = [
+    "ADE20KDataModule",
+    "ADE20KDataset",
+    "CatMaxRatioCrop",
+    "PhotoMetricDistortion",
+    "build_segmentation_transform",
+    "collate_segmentation_eval",
+    "read_ade_class_names",
+    "reduce_zero_label",
+]
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+_SPLITS = {"train": "training", "val": "validation"}
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_CROP_TRIES = 10
+
+
+def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """mmseg's ``reduce_zero_label``: "other" (0) becomes ``255`` (ignored), class value ``v`` becomes ``v - 1``."""
+    out = label.astype(np.int16) - 1
+    out[(label == 0) | (label == IGNORE_INDEX)] = IGNORE_INDEX
+    return out.astype(np.uint8)
+
+
+class CatMaxRatioCrop(A.DualTransform):
+    """mmseg's ``RandomCrop(crop_size, cat_max_ratio)`` for semantic segmentation.
+
+    "MMSegmentation: OpenMMLab Semantic Segmentation Toolbox and Benchmark" (2020); the recipe of "Unified Perceptual
+    Parsing for Scene Understanding" (Xiao et al., arXiv 1807.10221). A ``min(H, h) x min(W, w)`` window is drawn
+    uniformly; while no class owns at most ``cat_max_ratio`` of the window's non-ignored label pixels
+    (``max_c n_c / sum_c n_c < cat_max_ratio`` with at least two classes), another window is drawn, up to 10 tries in
+    all, the last one being kept. Image ``(H, W, C)`` and mask ``(H, W)`` are cut at the same window.
+
+    Args:
+        height: crop height.
+        width: crop width.
+        cat_max_ratio: the largest share of one class; 1 disables the retries.
+        ignore_index: the label value left out of the class counts.
+        p: probability of applying the transform.
+    """
+
+    _targets = (Targets.IMAGE, Targets.MASK)
+
+    def __init__(
+        self, height: int, width: int, cat_max_ratio: float = 1.0, ignore_index: int = IGNORE_INDEX, p: float = 1.0
+    ) -> None:
+        super().__init__(p=p)
+        self.height = height
+        self.width = width
+        self.cat_max_ratio = cat_max_ratio
+        self.ignore_index = ignore_index
+
+    def _window(self, height: int, width: int) -> tuple[int, int, int, int]:
+        y0 = self.py_random.randint(0, max(height - self.height, 0))
+        x0 = self.py_random.randint(0, max(width - self.width, 0))
+        return y0, x0, y0 + min(height, self.height), x0 + min(width, self.width)
+
+    def _balanced(self, mask: np.ndarray) -> bool:
+        _, counts = np.unique(mask[mask != self.ignore_index], return_counts=True)
+        return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        window = self._window(height, width)
+        mask = data.get("mask")
+        if mask is not None and self.cat_max_ratio < 1.0:
+            for _ in range(_CROP_TRIES - 1):
+                y0, x0, y1, x1 = window
+                if self._balanced(mask[y0:y1, x0:x1]):
+                    break
+                window = self._window(height, width)
+        return {"window": window}
+
+    def apply(self, img: np.ndarray, window: tuple[int, int, int, int], **params: Any) -> np.ndarray:
+        y0, x0, y1, x1 = window
+        return img[y0:y1, x0:x1]
+
+    def apply_to_mask(self, mask: np.ndarray, window: tuple[int, int, int, int], **params: Any) -> np.ndarray:
+        y0, x0, y1, x1 = window
+        return mask[y0:y1, x0:x1]
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("height", "width", "cat_max_ratio", "ignore_index")
+
+
+class PhotoMetricDistortion(A.ImageOnlyTransform):
+    """mmseg's ``PhotoMetricDistortion`` on uint8 RGB images (after SSD, Liu et al., arXiv 1512.02325).
+
+    Each with probability 1/2: brightness ``x + d``, ``d ~ U(-32, 32)``; contrast ``x * a``, ``a ~ U(0.5, 1.5)``
+    (applied first or last, with equal chance); saturation ``S * a`` in HSV, ``a ~ U(0.5, 1.5)``; hue ``(H + d) mod
+    180`` in OpenCV's half-degree units, ``d`` an integer in ``[-18, 18]``. Every step clips to ``[0, 255]`` and rounds
+    down to uint8 as mmseg does. Image ``(H, W, 3)`` in, same shape out.
+
+    Args:
+        brightness_delta: the largest brightness shift.
+        contrast_range: range of the contrast factor.
+        saturation_range: range of the saturation factor.
+        hue_delta: the largest hue shift.
+        p: probability of applying the transform.
+    """
+
+    def __init__(
+        self,
+        brightness_delta: int = 32,
+        contrast_range: tuple[float, float] = (0.5, 1.5),
+        saturation_range: tuple[float, float] = (0.5, 1.5),
+        hue_delta: int = 18,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        self.brightness_delta = brightness_delta
+        self.contrast_range = tuple(contrast_range)
+        self.saturation_range = tuple(saturation_range)
+        self.hue_delta = hue_delta
+
+    def get_params(self) -> dict[str, Any]:
+        rnd = self.py_random
+
+        def maybe(value: float) -> float | None:
+            return value if rnd.random() < 0.5 else None
+
+        return {
+            "brightness": maybe(rnd.uniform(-self.brightness_delta, self.brightness_delta)),
+            "contrast_first": rnd.random() < 0.5,
+            "contrast": maybe(rnd.uniform(*self.contrast_range)),
+            "saturation": maybe(rnd.uniform(*self.saturation_range)),
+            "hue": maybe(rnd.randint(-self.hue_delta, self.hue_delta)),
+        }
+
+    @staticmethod
+    def _affine(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    def apply(
+        self,
+        img: np.ndarray,
+        brightness: float | None = None,
+        contrast_first: bool = True,
+        contrast: float | None = None,
+        saturation: float | None = None,
+        hue: int | None = None,
+        **params: Any,
+    ) -> np.ndarray:
+        if brightness is not None:
+            img = self._affine(img, beta=brightness)
+        if contrast is not None and contrast_first:
+            img = self._affine(img, alpha=contrast)
+        if saturation is not None or hue is not None:
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+            if saturation is not None:
+                hsv[..., 1] = self._affine(hsv[..., 1], alpha=saturation)
+            if hue is not None:
+                hsv[..., 0] = (hsv[..., 0].astype(np.int32) + hue) % 180
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if contrast is not None and not contrast_first:
+            img = self._affine(img, alpha=contrast)
+        return img
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("brightness_delta", "contrast_range", "saturation_range", "hue_delta")
+
+
+def build_segmentation_transform(
+    *,
+    train: bool,
+    crop_size: int = 512,
+    scale: tuple[int, int] = (2048, 512),
+    ratio_range: tuple[float, float] = (0.5, 2.0),
+    cat_max_ratio: float = 0.75,
+    hflip: float = 0.5,
+    photometric: bool = True,
+    eval_short_side: int = 512,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> A.Compose:
+    """The mmseg ADE20K pipeline on an HWC uint8 RGB ``image`` and an ``(H, W)`` uint8 ``mask`` of reduced labels.
+
+    Train: keep-ratio resize into ``scale = (long, short)`` times ``r ~ U(ratio_range)`` (image bilinear, mask
+    nearest) -> ``CatMaxRatioCrop`` -> horizontal flip -> ``PhotoMetricDistortion`` -> normalise -> pad bottom/right
+    to ``crop_size`` (image 0, mask 255). Eval: keep-ratio resize into ``(long, eval_short_side)`` -> normalise
+    (the caller leaves the mask out).
+    """
+    long_max = max(scale)
+    normalize = A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)
+    if not train:
+        return A.Compose([KeepRatioResize(long_max, eval_short_side), normalize])
+    steps: list = [
+        KeepRatioResize(long_max, min(scale), ratio_range=tuple(ratio_range)),
+        CatMaxRatioCrop(crop_size, crop_size, cat_max_ratio=cat_max_ratio),
+    ]
+    if hflip > 0:
+        steps.append(A.HorizontalFlip(p=hflip))
+    if photometric:
+        steps.append(PhotoMetricDistortion())
+    steps += [
+        normalize,
+        A.PadIfNeeded(
+            crop_size, crop_size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX
+        ),
+    ]
+    return A.Compose(steps)
+
+
+def read_ade_class_names(path: Path) -> list[str]:
+    """Class names in value order from a one-name-per-line file or from ADE20K's ``objectInfo150.csv``.
+
+    The CSV's ``Name`` column lists synonyms (``building;edifice``); the first one is kept, as mmseg does.
+    """
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or "Name" not in rows[0]:
+            raise DataError(f"{path} has no 'Name' column: use ADE20K's objectInfo150.csv or a one-name-per-line file")
+        if "Idx" in rows[0]:
+            rows.sort(key=lambda row: int(row["Idx"]))
+        return [row["Name"].split(";")[0].strip() for row in rows]
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def collate_segmentation_eval(
+    batch: Sequence[tuple[Tensor, Tensor, dict[str, Any]]],
+) -> tuple[Tensor, Tensor | list[Tensor], list[dict[str, Any]]]:
+    """``(images (B, 3, H, W), masks (B, h0, w0) or a list when original sizes differ, metas)``."""
+    images, masks, metas = zip(*batch, strict=True)
+    if len({tuple(image.shape) for image in images}) > 1:
+        raise ConfigError(
+            "evaluation images of one batch have different resized sizes: set --data.init_args.eval_batch_size 1"
+        )
+    same = len({tuple(mask.shape) for mask in masks}) == 1
+    return torch.stack(images), torch.stack(masks) if same else list(masks), list(metas)
+
+
+class ADE20KDataset(Dataset):
+    """One split of an ADE20K-layout dataset (Zhou et al., "Scene Parsing through ADE20K Dataset", CVPR 2017).
+
+    Pairs ``image_dir/NAME.jpg`` with ``annotation_dir/NAME.png``; an image without an annotation (or the reverse) is
+    counted (``counts``) and skipped. Labels are reduced (``reduce_zero_label``) before any transform, so padding and
+    "other" share the ignore value 255.
+
+    Train items: ``(image (3, S, S) float32, mask (S, S) int64)``. Eval items: ``(image (3, H, W) float32, mask
+    (h0, w0) int64 at the original size, meta)`` with meta ``name`` (stem), ``orig_size`` ``(h0, w0)``,
+    ``img_size`` ``(H, W)`` and ``scale`` ``(H / h0, W / w0)``.
+
+    Args:
+        image_dir: the split's image folder.
+        annotation_dir: the split's label-map folder.
+        transform: a pipeline from ``build_segmentation_transform``.
+        train: transform image and mask together (else the image only, and return a meta).
+        reduce_zero_label: map 0 to 255 and ``v`` to ``v - 1``.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        annotation_dir: str | Path,
+        transform: A.Compose,
+        *,
+        train: bool,
+        reduce_zero_label: bool = True,
+    ) -> None:
+        self.image_dir = Path(image_dir)
+        self.annotation_dir = Path(annotation_dir)
+        for folder in (self.image_dir, self.annotation_dir):
+            if not folder.is_dir():
+                raise DataError(
+                    f"missing folder {folder}: expected ROOT/images/<split>/*.jpg and ROOT/annotations/<split>/*.png "
+                    "(check --data.init_args.root)"
+                )
+        self.transform = transform
+        self.train = train
+        self.reduce_zero_label = reduce_zero_label
+        images = {p.stem: p for p in self.image_dir.iterdir() if p.suffix.lower() in _IMAGE_EXTENSIONS}
+        labels = {p.stem: p for p in self.annotation_dir.iterdir() if p.suffix.lower() == ".png"}
+        self.samples = [(images[stem], labels[stem]) for stem in sorted(images.keys() & labels.keys())]
+        self.missing_annotations = len(images.keys() - labels.keys())
+        self.missing_images = len(labels.keys() - images.keys())
+        if not self.samples:
+            raise DataError(
+                f"no image in {self.image_dir} has its annotation (NAME.png) in {self.annotation_dir}: "
+                "check the dataset layout"
+            )
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {
+            "pairs": len(self.samples),
+            "missing_annotations": self.missing_annotations,
+            "missing_images": self.missing_images,
+        }
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image_path, label_path = self.samples[index]
+        image = decode_rgb(str(image_path))
+        with Image.open(label_path) as f:
+            label = np.asarray(f)
+        if label.ndim != 2:
+            raise DataError(f"{label_path} is not a single-channel label map: save it as an 8-bit (mode L or P) PNG")
+        if label.shape != image.shape[:2]:
+            raise DataError(
+                f"{label_path} is {label.shape[1]}x{label.shape[0]} but {image_path} is "
+                f"{image.shape[1]}x{image.shape[0]}: an annotation must match its image"
+            )
+        label = label.astype(np.uint8)
+        return image, reduce_zero_label(label) if self.reduce_zero_label else label
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Any]]:
+        image, label = self._load(index)
+        if self.train:
+            out = self.transform(image=image, mask=label)
+            return _chw(out["image"]), torch.from_numpy(np.ascontiguousarray(out["mask"])).long()
+        resized = self.transform(image=image)["image"]
+        h0, w0 = label.shape
+        h, w = resized.shape[:2]
+        meta = {
+            "name": self.samples[index][0].stem,
+            "orig_size": (h0, w0),
+            "img_size": (h, w),
+            "scale": (h / h0, w / w0),
+        }
+        return _chw(resized), torch.from_numpy(label).long(), meta
+
+    def reseed(self, seed: int) -> None:
+        """Reseed the transform's random generators (albumentations keeps its own, which forked workers share)."""
+        self.transform.set_random_seed(seed)
+
+
+def _chw(image: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
+
+
+def _check_args(
+    num_classes: int,
+    crop_size: int,
+    scale: Sequence[int],
+    ratio_range: Sequence[float],
+    cat_max_ratio: float,
+    hflip: float,
+    eval_short_side: int,
+    batch_size: int,
+    eval_batch_size: int,
+) -> None:
+    if num_classes < 1 or num_classes > IGNORE_INDEX:
+        raise ConfigError(f"data.num_classes {num_classes} must be in 1..{IGNORE_INDEX} (150 for ADE20K)")
+    if crop_size < 1 or eval_short_side < 1:
+        raise ConfigError(f"data.crop_size {crop_size} / data.eval_short_side {eval_short_side} must be >= 1")
+    if len(scale) != 2 or min(scale) < 1:
+        raise ConfigError(f"data.scale {list(scale)} must be [long, short] >= 1, e.g. [2048, 512]")
+    if len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
+        raise ConfigError(f"data.ratio_range {list(ratio_range)} must be [min, max] with 0 < min <= max")
+    if not 0 < cat_max_ratio <= 1:
+        raise ConfigError(f"data.cat_max_ratio {cat_max_ratio} must be in (0, 1]; 1 disables the check")
+    if not 0.0 <= hflip <= 1.0:
+        raise ConfigError(f"data.hflip {hflip} is a probability: use a value in [0, 1]")
+    if batch_size < 1 or eval_batch_size < 1:
+        raise ConfigError(f"data.batch_size {batch_size} / data.eval_batch_size {eval_batch_size} must be >= 1")
+
+
+class ADE20KDataModule(L.LightningDataModule):
+    """ADE20K (ADEChallengeData2016, or any dataset in its layout) for semantic segmentation.
+
+    Zhou et al., "Scene Parsing through ADE20K Dataset" (CVPR 2017) / "Semantic Understanding of Scenes through the
+    ADE20K Dataset" (arXiv 1608.05442). Train batches: ``(images (B, 3, S, S) float32 normalised, masks (B, S, S)
+    int64)`` with labels ``0..K-1`` and ``ignore_index`` 255; eval batches: ``(images, masks at the original size,
+    metas)`` (see ``ADE20KDataset`` and ``collate_segmentation_eval``). ``num_classes`` and ``class_names`` are set in
+    the constructor, so the CLI can link them into the model. Class names come from ``class_names_file``, else
+    ``root/class_names.txt``, else ``root/objectInfo150.csv``, else ``class_{i}``.
+
+    Args:
+        root: dataset folder.
+        num_classes: number of classes ``K`` (label values ``1..K`` on disk).
+        class_names_file: a one-name-per-line file or an ``objectInfo150.csv`` (relative to ``root`` or absolute).
+        reduce_zero_label: treat value 0 as "other" (ignored) and shift the classes down by one.
+        crop_size: training crop side ``S``.
+        scale: (long, short) bound of the keep-ratio resize.
+        ratio_range: range of the random factor on ``scale`` in training.
+        cat_max_ratio: the largest share one class may take of a training crop (1 disables the retries).
+        hflip: training horizontal-flip probability.
+        photometric: apply ``PhotoMetricDistortion`` in training.
+        eval_short_side: short bound of the evaluation resize (long bound ``max(scale)``).
+        mean: normalisation mean (RGB, 0-1 scale).
+        std: normalisation std.
+        batch_size: training images per device.
+        eval_batch_size: validation/test/predict images per device (images of a batch must share their size).
+        num_workers: loader worker processes per device.
+        pin_memory: pin host memory for faster host-to-device copies.
+        persistent_workers: keep workers alive between epochs.
+    """
+
+    ignore_index = IGNORE_INDEX
+
+    def __init__(
+        self,
+        root: str = "data/ADEChallengeData2016",
+        num_classes: int = 150,
+        class_names_file: str | None = None,
+        reduce_zero_label: bool = True,
+        crop_size: int = 512,
+        scale: tuple[int, int] = (2048, 512),
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        hflip: float = 0.5,
+        photometric: bool = True,
+        eval_short_side: int = 512,
+        mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        batch_size: int = 16,
+        eval_batch_size: int = 1,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        _check_args(
+            num_classes,
+            crop_size,
+            scale,
+            ratio_range,
+            cat_max_ratio,
+            hflip,
+            eval_short_side,
+            batch_size,
+            eval_batch_size,
+        )
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"ADE20K root {self.root} does not exist: set --data.init_args.root to the dataset folder")
+        self.num_classes = num_classes
+        self.class_names = self._class_names(class_names_file)
+        self.train_set: ADE20KDataset | None = None
+        self.val_set: ADE20KDataset | None = None
+
+    def _class_names(self, class_names_file: str | None) -> list[str]:
+        if class_names_file is not None:
+            path = self.root / class_names_file
+            if not path.is_file():
+                raise DataError(f"class-name file {path} does not exist: fix --data.init_args.class_names_file")
+        else:
+            found = [self.root / name for name in ("class_names.txt", "objectInfo150.csv")]
+            path = next((p for p in found if p.is_file()), None)
+            if path is None:
+                return [f"class_{i}" for i in range(self.num_classes)]
+        names = read_ade_class_names(path)
+        if len(names) != self.num_classes:
+            raise DataError(
+                f"{path} names {len(names)} classes but data.num_classes is {self.num_classes}: "
+                f"set --data.init_args.num_classes {len(names)} or fix the file"
+            )
+        return names
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per built split: image/annotation pairs and the unpaired files skipped."""
+        sets = {"train": self.train_set, "val": self.val_set}
+        return {split: ds.counts for split, ds in sets.items() if ds is not None}
+
+    def _dataset(self, split: str, train: bool) -> ADE20KDataset:
+        hp = self.hparams
+        transform = build_segmentation_transform(
+            train=train,
+            crop_size=hp.crop_size,
+            scale=tuple(hp.scale),
+            ratio_range=tuple(hp.ratio_range),
+            cat_max_ratio=hp.cat_max_ratio,
+            hflip=hp.hflip,
+            photometric=hp.photometric,
+            eval_short_side=hp.eval_short_side,
+            mean=tuple(hp.mean),
+            std=tuple(hp.std),
+        )
+        folder = _SPLITS[split]
+        dataset = ADE20KDataset(
+            self.root / "images" / folder,
+            self.root / "annotations" / folder,
+            transform,
+            train=train,
+            reduce_zero_label=hp.reduce_zero_label,
+        )
+        c = dataset.counts
+        if rank_zero_only.rank == 0:
+            logger.info(
+                f"ade20k {split}: {c['pairs']} image/annotation pairs ({c['missing_annotations']} images without "
+                f"annotation and {c['missing_images']} annotations without image skipped)"
+            )
+        return dataset
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._dataset("train", train=True)
+        if self.val_set is None:
+            self.val_set = self._dataset("val", train=False)
+
+    def _loader(self, dataset: ADE20KDataset, train: bool) -> DataLoader:
+        hp = self.hparams
+        sampler = None
+        if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = UnpaddedDistributedSampler(dataset)
+        if train and hp.num_workers == 0:
+            dataset.reseed(int(torch.randint(2**31, ()).item()))
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size if train else hp.eval_batch_size,
+            shuffle=train,
+            sampler=sampler,
+            num_workers=hp.num_workers,
+            collate_fn=None if train else collate_segmentation_eval,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            worker_init_fn=seed_worker,
+            drop_last=train,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        if len(self.train_set) < self.hparams.batch_size:
+            raise DataError(
+                f"{self.train_set.image_dir} has {len(self.train_set)} usable images, fewer than one batch "
+                f"(--data.init_args.batch_size {self.hparams.batch_size}): lower the batch size"
+            )
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup("validate")
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
