@@ -88,7 +88,7 @@ def test_slide_inference_with_a_covering_crop_is_whole_image_inference() -> None
     x = torch.randn(1, 3, 48, 64)
     with torch.no_grad():
         whole = task(x)
-        task.hparams.inference, task.hparams.crop_size = "slide", 64
+        task.hparams.inference, task.hparams.slide_crop = "slide", 64
         torch.testing.assert_close(task(x), whole)
 
 
