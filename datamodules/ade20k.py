@@ -27,10 +27,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .coco import KeepRatioResize
 from .errors import ConfigError, DataError
 from .image_folder import decode_rgb, seed_worker
 from .samplers import UnpaddedDistributedSampler
+from .transforms import KeepRatioResize
 
 __all__ = [
     "ADE20KDataModule",

@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
+from typing import Any
 
 import albumentations as A
 import cv2
+import numpy as np
+from albumentations.core.type_definitions import Targets
 from albumentations.pytorch import ToTensorV2
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-__all__ = ["INTERPOLATIONS", "build_eval_transform", "build_train_transform", "rand_augment_policy"]
+__all__ = [
+    "INTERPOLATIONS",
+    "KeepRatioResize",
+    "build_detection_transform",
+    "build_eval_transform",
+    "build_train_transform",
+    "rand_augment_policy",
+]
 
 INTERPOLATIONS = {
     "nearest": cv2.INTER_NEAREST,
@@ -139,4 +150,96 @@ def build_eval_transform(
             A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
             ToTensorV2(),
         ]
+    )
+
+
+# NOTE: the ImageNet mean in 0-255, so LSJ padding is ~0 after the detector normalises (mmdet pads after Normalize).
+_PAD_FILL = (124.0, 116.0, 104.0)
+
+
+class KeepRatioResize(A.DualTransform):
+    """Aspect-preserving resize into a (long, short) budget: mmdetection's ``Resize(keep_ratio=True)``.
+
+    "MMDetection: Open MMLab Detection Toolbox and Benchmark" (Chen et al., arXiv 1906.07155):
+    ``scale = r * min(long_max / max(H, W), short_max / min(H, W))``, output ``(round(H * scale), round(W * scale))``.
+    ``short_max`` may be a list, one value drawn per image (the multi-scale training of DETR/mmdet); ``r`` is drawn
+    uniformly from ``ratio_range`` (large-scale jitter; else 1).
+    Image ``(H, W, C)`` bilinear, masks ``(H, W)`` nearest; boxes are scale-invariant in albumentations' normalised
+    coordinates. The chosen ``scale`` and ``resized_hw`` are the transform's applied parameters.
+
+    Args:
+        long_max: bound on the long side.
+        short_max: bound on the short side, or the values to draw it from.
+        ratio_range: range of the extra random factor ``r``.
+        interpolation: OpenCV interpolation for the image.
+        p: probability of applying the transform.
+    """
+
+    _targets = (Targets.IMAGE, Targets.MASK, Targets.BBOXES)
+
+    def __init__(
+        self,
+        long_max: int,
+        short_max: int | Sequence[int],
+        ratio_range: tuple[float, float] = (1.0, 1.0),
+        interpolation: int = cv2.INTER_LINEAR,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        self.long_max = long_max
+        self.short_max = [short_max] if isinstance(short_max, int) else list(short_max)
+        self.ratio_range = tuple(ratio_range)
+        self.interpolation = interpolation
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        short = self.py_random.choice(self.short_max)
+        ratio = self.py_random.uniform(*self.ratio_range)
+        scale = ratio * min(self.long_max / max(height, width), short / min(height, width))
+        return {"scale": scale, "resized_hw": (max(1, round(height * scale)), max(1, round(width * scale)))}
+
+    def apply(self, img: np.ndarray, resized_hw: tuple[int, int], **params: Any) -> np.ndarray:
+        return cv2.resize(img, resized_hw[::-1], interpolation=self.interpolation)
+
+    def apply_to_mask(self, mask: np.ndarray, resized_hw: tuple[int, int], **params: Any) -> np.ndarray:
+        return cv2.resize(mask, resized_hw[::-1], interpolation=cv2.INTER_NEAREST)
+
+    def apply_to_bboxes(self, bboxes: np.ndarray, **params: Any) -> np.ndarray:
+        return bboxes
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("long_max", "short_max", "ratio_range", "interpolation")
+
+
+def build_detection_transform(
+    img_scale: tuple[int, int],
+    *,
+    train: bool,
+    multi_scale: Sequence[int] | None = None,
+    large_scale_jitter: tuple[float, float] | None = None,
+    hflip: float = 0.5,
+) -> A.Compose:
+    """Detection pipeline on HWC uint8 RGB arrays with ``bboxes`` (``pascal_voc``), ``instance_ids`` and ``masks``.
+
+    Eval: keep-ratio resize into ``img_scale = (long, short)``. Train: the same resize with the short bound drawn from
+    ``multi_scale`` when given, or large-scale jitter ("Simple Copy-Paste is a Strong Data Augmentation Method for
+    Instance Segmentation", Ghiasi et al., arXiv 2012.07177: keep-ratio resize times ``r ~ U(large_scale_jitter)``,
+    then a random ``short x long`` (H x W) crop, padded at the bottom/right where the image is smaller; the papers use a
+    square ``img_scale`` such as (1024, 1024)); then a horizontal flip.
+    """
+    long_max, short_max = (int(v) for v in img_scale)
+    steps: list = []
+    if train and large_scale_jitter is not None:
+        steps.append(KeepRatioResize(long_max, short_max, ratio_range=tuple(large_scale_jitter)))
+        steps.append(
+            A.RandomCrop(short_max, long_max, pad_if_needed=True, pad_position="top_left", fill=_PAD_FILL, fill_mask=0)
+        )
+    else:
+        steps.append(KeepRatioResize(long_max, list(multi_scale) if train and multi_scale else short_max))
+    if train and hflip > 0:
+        steps.append(A.HorizontalFlip(p=hflip))
+    return A.Compose(
+        steps,
+        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["instance_ids"], clip=True),
+        save_applied_params=True,
     )

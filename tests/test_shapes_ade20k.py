@@ -95,7 +95,7 @@ def test_every_painted_object_is_labelled_and_occlusion_is_respected() -> None:
         assert not (changed & ~near).any(), f"seed {seed}: painted pixels labelled 'other'"
         remaining = iter(classes)
         assert all(i.label in remaining for i in scene.instances), "instances are not the painted classes, in order"
-        assert 1 <= len(scene.instances) <= count
+        assert scene.instances, "every scene shows at least one object"
         union = np.zeros((64, 64), dtype=bool)
         for instance in scene.instances:
             overlaps += bool((ndimage.binary_dilation(instance.mask) & union).any())
