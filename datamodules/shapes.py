@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -377,15 +377,57 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _check_replaceable(root: Path) -> None:
+def _check_replaceable(root: Path, entries: frozenset[str], generator: str) -> None:
+    """Refuse to replace `root` when it holds anything but `entries` (what `generator` writes)."""
     if not root.exists():
         return
-    foreign = sorted(p.name for p in root.iterdir() if p.name not in _LAYOUT_ENTRIES) if root.is_dir() else [""]
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in entries) if root.is_dir() else [""]
     if foreign:
         raise ValueError(
-            f"root {str(root)!r} holds files the shapes generator did not write ({foreign[:3]}); "
+            f"root {str(root)!r} holds files the {generator} did not write ({foreign[:3]}); "
             "pass a new or empty directory"
         )
+
+
+def write_atomically(
+    root: Path,
+    manifest: dict,
+    entries: frozenset[str],
+    generator: str,
+    fill: Callable[[Path], None],
+    overwrite: bool = False,
+) -> Path:
+    """Build a generated dataset with `fill(staging)` in a hidden sibling of `root`, then rename it into place.
+
+    `manifest.json` is written last, so an interrupted run never leaves a `root` that looks complete; a `root` whose
+    manifest equals `manifest` is returned untouched (unless `overwrite`); a `root` holding anything but `entries` is
+    refused; one process builds at a time (a lock file beside `root`) and leftovers of killed runs are removed.
+    """
+    if not overwrite and _read_manifest(root) == manifest:
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root.with_name(f".{root.name}.lock")):
+        if not overwrite and _read_manifest(root) == manifest:  # another process finished it meanwhile
+            return root
+        _check_replaceable(root, entries, generator)
+        for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by killed runs; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = root.with_name(f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        staging.mkdir()
+        try:
+            fill(staging)
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            if root.exists():
+                retired = root.with_name(f".{root.name}.tmp-old-{uuid.uuid4().hex[:8]}")
+                os.replace(root, retired)
+                os.replace(staging, root)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.replace(staging, root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return root
 
 
 def write_classification_dataset(
@@ -441,40 +483,19 @@ def write_classification_dataset(
         "num_val_per_class": num_val_per_class,
         "class_names": list(SHAPE_CLASSES),
     }
-    if not overwrite and _read_manifest(root) == manifest:
-        return root
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root.with_name(f".{root.name}.lock")):
-        if not overwrite and _read_manifest(root) == manifest:  # another process finished it meanwhile
-            return root
-        _check_replaceable(root)
-        for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by killed runs; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = root.with_name(f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        staging.mkdir()
-        try:
-            for split_id, (split, count) in enumerate((("train", num_train_per_class), ("val", num_val_per_class))):
-                for label, name in enumerate(SHAPE_CLASSES):
-                    folder = staging / split / name
-                    folder.mkdir(parents=True)
-                    for idx in range(count):
-                        rng = np.random.default_rng([seed, split_id, label, idx])
-                        image = _classification_image(rng, label, image_size)
-                        Image.fromarray(image).save(folder / f"{name}_{idx:05d}.JPEG", quality=_JPEG_QUALITY)
-            (staging / "class_names.txt").write_text("".join(f"{name}\n" for name in sorted(SHAPE_CLASSES)))
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            if root.exists():
-                retired = root.with_name(f".{root.name}.tmp-old-{uuid.uuid4().hex[:8]}")
-                os.replace(root, retired)
-                os.replace(staging, root)
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                os.replace(staging, root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return root
+    def fill(staging: Path) -> None:
+        for split_id, (split, count) in enumerate((("train", num_train_per_class), ("val", num_val_per_class))):
+            for label, name in enumerate(SHAPE_CLASSES):
+                folder = staging / split / name
+                folder.mkdir(parents=True)
+                for idx in range(count):
+                    rng = np.random.default_rng([seed, split_id, label, idx])
+                    image = _classification_image(rng, label, image_size)
+                    Image.fromarray(image).save(folder / f"{name}_{idx:05d}.JPEG", quality=_JPEG_QUALITY)
+        (staging / "class_names.txt").write_text("".join(f"{name}\n" for name in sorted(SHAPE_CLASSES)))
+
+    return write_atomically(root, manifest, _LAYOUT_ENTRIES, "shapes generator", fill, overwrite)
 
 
 def ensure_demo_data(root: str | Path = "data/demo") -> Path:

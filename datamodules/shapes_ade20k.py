@@ -13,18 +13,13 @@ still owns a pixel is kept (no minimum visible area), so no painted object is la
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .shapes import _JPEG_QUALITY, GENERATOR_VERSION, SHAPE_CLASSES, Scene, _exclusive, _read_manifest, render_scene
-from .shapes_coco import _replace
+from .shapes import _JPEG_QUALITY, GENERATOR_VERSION, SHAPE_CLASSES, Scene, render_scene, write_atomically
 
 __all__ = [
     "ADE_GENERATOR_VERSION",
@@ -96,19 +91,6 @@ def _write_split(staging: Path, folder: str, tag: str, seed: int, split_id: int,
         Image.fromarray(semantic_label_map(scene)).save(annotations / f"{stem}.png")
 
 
-def _check_replaceable(root: Path, entries: Iterable[str], generator: str) -> None:
-    """Refuse to replace `root` when it holds anything but `entries` (what `generator` writes)."""
-    if not root.exists():
-        return
-    entries = frozenset(entries)
-    foreign = sorted(p.name for p in root.iterdir() if p.name not in entries) if root.is_dir() else [""]
-    if foreign:
-        raise ValueError(
-            f"root {str(root)!r} holds files the {generator} did not write ({foreign[:3]}); "
-            "pass a new or empty directory"
-        )
-
-
 def write_ade20k_dataset(
     root: str | Path,
     *,
@@ -158,28 +140,13 @@ def write_ade20k_dataset(
         "num_val": num_val,
         "class_names": list(SHAPE_CLASSES),
     }
-    if not overwrite and _read_manifest(root) == manifest:
-        return root
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root.with_name(f".{root.name}.lock")):
-        if not overwrite and _read_manifest(root) == manifest:  # another process finished it meanwhile
-            return root
-        _check_replaceable(root, _LAYOUT_ENTRIES, "shapes ADE20K generator")
-        for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by killed runs; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = root.with_name(f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        staging.mkdir()
-        try:
-            for split_id, ((folder, tag), count) in enumerate(zip(_SPLITS, (num_train, num_val))):
-                _write_split(staging, folder, tag, seed, split_id, count, image_size)
-            (staging / "class_names.txt").write_text("".join(f"{name}\n" for name in SHAPE_CLASSES))
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            _replace(staging, root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return root
+    def fill(staging: Path) -> None:
+        for split_id, ((folder, tag), count) in enumerate(zip(_SPLITS, (num_train, num_val))):
+            _write_split(staging, folder, tag, seed, split_id, count, image_size)
+        (staging / "class_names.txt").write_text("".join(f"{name}\n" for name in SHAPE_CLASSES))
+
+    return write_atomically(root, manifest, _LAYOUT_ENTRIES, "shapes ADE20K generator", fill, overwrite)
 
 
 def ensure_demo_ade20k(root: str | Path = "data/demo") -> Path:

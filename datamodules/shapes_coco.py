@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +34,10 @@ from .shapes import (
     _coverage,
     _dilate,
     _disc_hits,
-    _exclusive,
     _mask_box,
     _pick_colour,
-    _read_manifest,
     render_scene,
+    write_atomically,
 )
 
 __all__ = [
@@ -268,28 +264,6 @@ def _write_split(folder: Path, seed: int, split_id: int, count: int, image_size:
     return {"info": info, "licenses": [], "images": images, "categories": _categories(), "annotations": annotations}
 
 
-def _check_replaceable(root: Path) -> None:
-    if not root.exists():
-        return
-    foreign = sorted(p.name for p in root.iterdir() if p.name not in _LAYOUT_ENTRIES) if root.is_dir() else [""]
-    if foreign:
-        raise ValueError(
-            f"root {str(root)!r} holds files the shapes COCO generator did not write ({foreign[:3]}); "
-            "pass a new or empty directory"
-        )
-
-
-def _replace(staging: Path, root: Path) -> None:
-    """Move the finished `staging` directory to `root`, retiring an older `root` first."""
-    if root.exists():
-        retired = root.with_name(f".{root.name}.tmp-old-{uuid.uuid4().hex[:8]}")
-        os.replace(root, retired)
-        os.replace(staging, root)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, root)
-
-
 def write_coco_dataset(
     root: str | Path,
     *,
@@ -343,33 +317,19 @@ def write_coco_dataset(
         "class_names": list(SHAPE_CLASSES),
         "category_ids": list(CATEGORY_IDS),
     }
-    if not overwrite and _read_manifest(root) == manifest:
-        return root
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root.with_name(f".{root.name}.lock")):
-        if not overwrite and _read_manifest(root) == manifest:  # another process finished it meanwhile
-            return root
-        _check_replaceable(root)
-        for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by killed runs; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = root.with_name(f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        (staging / "annotations").mkdir(parents=True)
-        try:
-            first_id = 1
-            for split_id, (split, count) in enumerate(zip(_SPLITS, (num_train, num_val))):
-                folder = staging / f"{split}2017"
-                folder.mkdir()
-                dataset = _write_split(folder, seed, split_id, count, image_size, first_id)
-                annotation_file = staging / "annotations" / f"instances_{split}2017.json"
-                annotation_file.write_text(json.dumps(dataset, separators=(",", ":")))
-                first_id += count
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            _replace(staging, root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return root
+    def fill(staging: Path) -> None:
+        (staging / "annotations").mkdir()
+        first_id = 1
+        for split_id, (split, count) in enumerate(zip(_SPLITS, (num_train, num_val))):
+            folder = staging / f"{split}2017"
+            folder.mkdir()
+            dataset = _write_split(folder, seed, split_id, count, image_size, first_id)
+            annotation_file = staging / "annotations" / f"instances_{split}2017.json"
+            annotation_file.write_text(json.dumps(dataset, separators=(",", ":")))
+            first_id += count
+
+    return write_atomically(root, manifest, _LAYOUT_ENTRIES, "shapes COCO generator", fill, overwrite)
 
 
 def ensure_demo_coco(root: str | Path = "data/demo") -> Path:
