@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
+from .decode import DecodeError, SkipCounter, decode_or_replace, decode_rgb
 from .errors import DataError
 
 __all__ = [
@@ -74,29 +74,31 @@ def read_class_names(path: Path, classes: Sequence[str]) -> list[str]:
     return lines
 
 
-def decode_rgb(path: str) -> np.ndarray:
-    """Decode an image file to an HWC uint8 RGB array (grayscale, palette, CMYK and alpha images included)."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 class ImageFolderDataset(Dataset):
-    """(path, label) samples decoded to RGB and passed through an albumentations transform.
+    """(path, label) samples decoded to RGB (``datamodules.decode``) and passed through an albumentations transform.
 
-    Returns ``(image CHW float tensor, label)``.
+    Returns ``(image CHW float tensor, label)``. A file that fails to decode (or vanished since the scan) is logged,
+    counted in ``skip_counter`` and replaced by the next decodable sample with that sample's own label.
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.skip_counter = SkipCounter()
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        image = self.transform(image=decode_rgb(path))["image"]
-        return image, label
+        try:
+            image = decode_rgb(path)
+        except FileNotFoundError:
+            raise DecodeError(f"{path}: the file disappeared after the dataset was scanned") from None
+        return self.transform(image=image)["image"], label
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return decode_or_replace(self._load, index, len(self.samples), self.skip_counter)
 
     def reseed(self, seed: int) -> None:
         """Reseed the transform's random generators (albumentations keeps its own, which forked workers share)."""

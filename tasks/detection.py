@@ -20,12 +20,16 @@ import timm
 from timm.optim import create_optimizer_v2
 from timm.scheduler import MultiStepLRScheduler
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from .backbone import ConfigError
+from .checkpoint_loading import pretrained_file_errors
 from .coco_evaluation import CocoEvaluator, detections_to_coco
+from .config_checks import backbone_errors
 from .export import backbone_from_features
 from .heads.detectors import DETECTORS, build_detector
 from .prediction_writer import CocoPredictionWriter
+from .training_health import NonFiniteLossGuard
 
 __all__ = ["DetectionTask"]
 
@@ -60,6 +64,8 @@ class DetectionTask(L.LightningModule):
         lr_steps: epochs after which the learning rate is multiplied by ``lr_decay``.
         lr_decay: step decay factor.
         monitor: metric that selects ``best.ckpt`` (``val/bbox_AP`` or ``val/segm_AP``).
+        max_nonfinite_steps: training steps with a non-finite loss that are skipped before the run stops
+            (``tasks/training_health.py``).
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class DetectionTask(L.LightningModule):
         lr_steps: Sequence[int] = (8, 11),
         lr_decay: float = 0.1,
         monitor: str = "val/bbox_AP",
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -103,21 +110,23 @@ class DetectionTask(L.LightningModule):
         cfg = timm.get_pretrained_cfg(backbone)
         mean = cfg.mean if cfg is not None else timm.data.IMAGENET_DEFAULT_MEAN
         std = cfg.std if cfg is not None else timm.data.IMAGENET_DEFAULT_STD
-        self.model = build_detector(
-            detector,
-            backbone,
-            num_classes,
-            image_mean=mean,
-            image_std=std,
-            out_indices=out_indices,
-            fpn_channels=fpn_channels,
-            level_norm=level_norm,
-            freeze_bn=freeze_bn,
-            frozen_stages=frozen_stages,
-            backbone_kwargs=kwargs,
-            detector_kwargs=detector_kwargs,
-            roi_head_width=roi_head_width,
-        )
+        with backbone_errors(backbone), pretrained_file_errors(pretrained_file, backbone):
+            self.model = build_detector(
+                detector,
+                backbone,
+                num_classes,
+                image_mean=mean,
+                image_std=std,
+                out_indices=out_indices,
+                fpn_channels=fpn_channels,
+                level_norm=level_norm,
+                freeze_bn=freeze_bn,
+                frozen_stages=frozen_stages,
+                backbone_kwargs=kwargs,
+                detector_kwargs=detector_kwargs,
+                roi_head_width=roi_head_width,
+            )
+        self.nonfinite_guard = NonFiniteLossGuard(max_nonfinite_steps)
         self.iou_types = ("bbox", "segm") if detector == "maskrcnn" else ("bbox",)
         self.monitor = monitor
         self.evaluator: CocoEvaluator | None = None
@@ -131,12 +140,19 @@ class DetectionTask(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch
+        self.nonfinite_guard.before_forward(self)
         losses = self.model(images, [{k: t[k] for k in _TARGET_KEYS if k in t} for t in targets])
         loss = sum(losses.values())
+        loss = self.nonfinite_guard(self, loss)
+        if self.nonfinite_guard.skipping:
+            return loss  # NOTE: a zero-gradient stand-in: every process drops this step (training_health.py)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=len(images))
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        self.nonfinite_guard.drop_skipped_step(self)
 
     # ----- evaluation -----
     def _category_ids(self) -> list[int]:

@@ -22,12 +22,16 @@ from timm.layers import LayerNorm2d
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from .backbone import ConfigError
+from .checkpoint_loading import pretrained_file_errors
+from .config_checks import backbone_errors
 from .export import backbone_from_features
 from .heads.segmentation_heads import FCNHead, SemanticFPNHead, UperNetHead
 from .prediction_writer import SegmentationPredictionWriter
 from .segmentation_metrics import SegmentationMetrics
+from .training_health import NonFiniteLossGuard
 
 __all__ = ["SegmentationTask", "slide_inference"]
 
@@ -118,6 +122,8 @@ class SegmentationTask(L.LightningModule):
         slide_stride: sliding-window stride.
         flip: also predict on the flipped image and average (test-time augmentation).
         scales: extra test scales (e.g. ``[0.5, 0.75, 1.0, 1.25, 1.5, 1.75]``), logits averaged; None for single scale.
+        max_nonfinite_steps: training steps with a non-finite loss that are skipped before the run stops
+            (``tasks/training_health.py``).
     """
 
     def __init__(
@@ -147,6 +153,7 @@ class SegmentationTask(L.LightningModule):
         slide_stride: int = 341,
         flip: bool = False,
         scales: Sequence[float] | None = None,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -164,7 +171,9 @@ class SegmentationTask(L.LightningModule):
         if pretrained_file:
             kwargs["pretrained_cfg_overlay"] = dict(file=pretrained_file)
         aux = head == "upernet" if aux_head is None else aux_head
-        self.model = SegmentationNet(backbone, num_classes, head, head_channels, aux, level_norm, **kwargs)
+        with backbone_errors(backbone), pretrained_file_errors(pretrained_file, backbone):
+            self.model = SegmentationNet(backbone, num_classes, head, head_channels, aux, level_norm, **kwargs)
+        self.nonfinite_guard = NonFiniteLossGuard(max_nonfinite_steps)
         self.metrics = SegmentationMetrics(num_classes, ignore_index)
         self.monitor = "val/mIoU"
 
@@ -188,6 +197,7 @@ class SegmentationTask(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, masks = batch[0], batch[1]
+        self.nonfinite_guard.before_forward(self)
         logits, aux = self.model(images, with_aux=True)
         loss = F.cross_entropy(logits, masks, ignore_index=self.hparams.ignore_index)
         self.log("train/loss_decode", loss, batch_size=len(images))
@@ -195,9 +205,15 @@ class SegmentationTask(L.LightningModule):
             aux_loss = F.cross_entropy(aux, masks, ignore_index=self.hparams.ignore_index)
             self.log("train/loss_aux", aux_loss, batch_size=len(images))
             loss = loss + self.hparams.aux_weight * aux_loss
+        loss = self.nonfinite_guard(self, loss)
+        if self.nonfinite_guard.skipping:
+            return loss  # NOTE: a zero-gradient stand-in: every process drops this step (training_health.py)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=len(images))
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        self.nonfinite_guard.drop_skipped_step(self)
 
     def _predict_original_size(self, images: Tensor, size: Sequence[int]) -> Tensor:
         probs = self(images)

@@ -219,13 +219,15 @@ def test_missing_folders_and_root_are_data_errors(ade_root: Path, tmp_path: Path
         dm.setup("validate")
 
 
-def test_unpaired_files_are_counted_and_skipped(ade_root: Path) -> None:
+def test_unpaired_files_are_counted_skipped_or_refused(ade_root: Path) -> None:
     image, label = _block_scene(np.random.default_rng(5), 32, 32)
-    Image.fromarray(image).save(ade_root / "images" / "validation" / "lonely.jpg")
     Image.fromarray(label).save(ade_root / "annotations" / "validation" / "orphan.png")
     dm = _datamodule(ade_root)
-    dm.setup("validate")
-    assert dm.counts["val"] == {"pairs": 3, "missing_annotations": 1, "missing_images": 1}
+    dm.setup("validate")  # a mask without its image is counted and skipped
+    assert dm.counts["val"] == {"pairs": 3, "missing_annotations": 0, "missing_images": 1}
+    Image.fromarray(image).save(ade_root / "images" / "validation" / "lonely.jpg")
+    with pytest.raises(DataError, match=r"missing annotation .*annotations/validation/lonely.png"):
+        _datamodule(ade_root).setup("validate")  # an image without its mask would train on nothing: refused
     for path in (ade_root / "annotations" / "training").iterdir():
         path.unlink()
     with pytest.raises(DataError, match="has its annotation"):

@@ -1,0 +1,80 @@
+"""Broken ADE20K data: missing, mis-sized or out-of-range masks fail at setup naming the file; undecodable images
+are skipped and counted (issue 9)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.ade20k import ADE20KDataModule
+from datamodules.errors import DataError
+
+STEMS = ("ADE_train_00000001", "ADE_train_00000002", "ADE_train_00000003")
+
+
+def _write(root: Path, label_values: tuple[int, ...] = (0, 1, 150)) -> Path:
+    for split in ("training", "validation"):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for i, stem in enumerate(STEMS):
+            Image.fromarray(np.full((24, 32, 3), 60 * i, np.uint8)).save(root / "images" / split / f"{stem}.jpg")
+            label = np.zeros((24, 32), np.uint8)
+            label[:, 16:] = label_values[i]
+            Image.fromarray(label).save(root / "annotations" / split / f"{stem}.png")
+    return root
+
+
+def _setup(root: Path) -> ADE20KDataModule:
+    dm = ADE20KDataModule(root=str(root), crop_size=32, scale=(64, 32), eval_short_side=32, batch_size=2, num_workers=0)
+    dm.setup("fit")
+    return dm
+
+
+def _raises(root: Path, match: str) -> str:
+    with pytest.raises(DataError, match=match) as info:
+        _setup(root)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_labels_up_to_num_classes_and_255_pass(tmp_path: Path) -> None:
+    root = _write(tmp_path / "ade", label_values=(0, 150, 255))
+    dm = _setup(root)
+    assert len(dm.train_set) == 3 and len(dm.val_set) == 3
+
+
+def test_a_missing_mask_fails_at_setup_naming_it(tmp_path: Path) -> None:
+    root = _write(tmp_path / "ade")
+    (root / "annotations" / "training" / f"{STEMS[1]}.png").unlink()
+    message = _raises(root, rf"missing annotation .*annotations/training/{STEMS[1]}\.png for .*{STEMS[1]}\.jpg")
+    assert "restore the masks" in message
+
+
+def test_a_mask_of_another_size_fails_at_setup_naming_both_files(tmp_path: Path) -> None:
+    root = _write(tmp_path / "ade")
+    Image.fromarray(np.zeros((24, 30), np.uint8)).save(root / "annotations" / "validation" / f"{STEMS[2]}.png")
+    _raises(root, rf"annotation .*validation/{STEMS[2]}\.png is 30x24 but .*validation/{STEMS[2]}\.jpg is 32x24")
+
+
+def test_a_label_above_150_fails_at_setup_naming_the_mask(tmp_path: Path) -> None:
+    root = _write(tmp_path / "ade", label_values=(0, 151, 3))
+    message = _raises(root, rf"annotation .*training/{STEMS[1]}\.png holds label 151, above the 150")
+    assert "num_classes" in message
+
+
+def test_an_rgb_mask_fails_at_setup(tmp_path: Path) -> None:
+    root = _write(tmp_path / "ade")
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(root / "annotations" / "training" / f"{STEMS[0]}.png")
+    _raises(root, rf"annotation .*{STEMS[0]}\.png is a RGB image: save it as a single-channel")
+
+
+def test_an_undecodable_image_is_skipped_and_counted(tmp_path: Path) -> None:
+    root = _write(tmp_path / "ade")
+    (root / "images" / "validation" / f"{STEMS[0]}.jpg").write_bytes(b"")  # zero-byte
+    dm = _setup(root)
+    names = [dm.val_set[i][2]["name"] for i in range(len(dm.val_set))]
+    assert names == [STEMS[1], STEMS[1], STEMS[2]]  # the next pair stands in, with its own mask
+    assert dm.val_set.skip_counter.skipped == 1 and dm.train_set.skip_counter.skipped == 0
