@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .decode import DecodeError, SkipCounter, check_skipped_fraction, decode_or_replace, decode_rgb
 from .errors import ConfigError, DataError
-from .image_folder import decode_rgb, seed_worker
-from .samplers import UnpaddedDistributedSampler
+from .loaders import ResumableTrainLoaderMixin, build_loader
 from .transforms import KeepRatioResize
 
 __all__ = [
@@ -270,9 +272,13 @@ def collate_segmentation_eval(
 class ADE20KDataset(Dataset):
     """One split of an ADE20K-layout dataset (Zhou et al., "Scene Parsing through ADE20K Dataset", CVPR 2017).
 
-    Pairs ``image_dir/NAME.jpg`` with ``annotation_dir/NAME.png``; an image without an annotation (or the reverse) is
-    counted (``counts``) and skipped. Labels are reduced (``reduce_zero_label``) before any transform, so padding and
-    "other" share the ignore value 255.
+    Pairs ``image_dir/NAME.jpg`` with ``annotation_dir/NAME.png``. Checked when the dataset is built, each a one-line
+    ``DataError`` naming the file: an image without its annotation, an annotation that is not a single-channel PNG,
+    of another size than its image, or (with ``num_classes``) holding a value above the classes (``num_classes`` with
+    ``reduce_zero_label``, else ``num_classes - 1``; 255 is always the ignore value). Annotations without an image
+    are counted (``counts``) and left out. An image that fails to decode during training is counted in
+    ``skip_counter`` and replaced (``decode_or_replace``). Labels are reduced (``reduce_zero_label``) before any
+    transform, so padding and "other" share the ignore value 255.
 
     Train items: ``(image (3, S, S) float32, mask (S, S) int64)``. Eval items: ``(image (3, H, W) float32, mask
     (h0, w0) int64 at the original size, meta)`` with meta ``name`` (stem), ``orig_size`` ``(h0, w0)``,
@@ -284,6 +290,7 @@ class ADE20KDataset(Dataset):
         transform: a pipeline from ``build_segmentation_transform``.
         train: transform image and mask together (else the image only, and return a meta).
         reduce_zero_label: map 0 to 255 and ``v`` to ``v - 1``.
+        num_classes: check that no annotation holds a value above the classes (None: no value check).
     """
 
     def __init__(
@@ -294,6 +301,7 @@ class ADE20KDataset(Dataset):
         *,
         train: bool,
         reduce_zero_label: bool = True,
+        num_classes: int | None = None,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.annotation_dir = Path(annotation_dir)
@@ -316,6 +324,53 @@ class ADE20KDataset(Dataset):
                 f"no image in {self.image_dir} has its annotation (NAME.png) in {self.annotation_dir}: "
                 "check the dataset layout"
             )
+        if self.missing_annotations:
+            stem = sorted(images.keys() - labels.keys())[0]
+            raise DataError(
+                f"missing annotation {self.annotation_dir / (stem + '.png')} for {images[stem]} "
+                f"({self.missing_annotations} images have none): restore the masks or remove those images"
+            )
+        max_label = None if num_classes is None else (num_classes if reduce_zero_label else num_classes - 1)
+        self._check_annotations(max_label)
+        self.skip_counter = SkipCounter()
+
+    def _check_annotations(self, max_label: int | None) -> None:
+        """Read every annotation (threads: PNG decoding releases the GIL) and each image's header; raise on the first
+        annotation of the wrong mode, size or values."""
+
+        def check(pair: tuple[Path, Path]) -> str | None:
+            image_path, label_path = pair
+            try:
+                with Image.open(image_path) as image:
+                    image_size = image.size
+            except (OSError, SyntaxError, ValueError):
+                image_size = None  # NOTE: an undecodable image is a per-sample skip, found when it is loaded
+            try:
+                with Image.open(label_path) as f:
+                    mode, label = f.mode, np.asarray(f)
+            except (OSError, SyntaxError, ValueError) as error:
+                return f"annotation {label_path} does not decode ({type(error).__name__}: {error}): restore the file"
+            if label.ndim != 2 or mode not in ("L", "P"):
+                return f"annotation {label_path} is a {mode} image: save it as a single-channel 8-bit (mode L or P) PNG"
+            if image_size is not None and label.shape[::-1] != image_size:
+                return (
+                    f"annotation {label_path} is {label.shape[1]}x{label.shape[0]} but {image_path} is "
+                    f"{image_size[0]}x{image_size[1]}: an annotation must match its image"
+                )
+            if max_label is not None:
+                values = np.unique(label)
+                bad = values[(values > max_label) & (values != IGNORE_INDEX)]
+                if len(bad):
+                    return (
+                        f"annotation {label_path} holds label {int(bad.max())}, above the {max_label} of "
+                        f"data.num_classes: fix the mask or set --data.init_args.num_classes"
+                    )
+            return None
+
+        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+            for problem in pool.map(check, self.samples):
+                if problem is not None:
+                    raise DataError(problem)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -330,7 +385,10 @@ class ADE20KDataset(Dataset):
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, label_path = self.samples[index]
-        image = decode_rgb(str(image_path))
+        try:
+            image = decode_rgb(str(image_path))
+        except FileNotFoundError:
+            raise DecodeError(f"{image_path}: the file disappeared after the dataset was scanned") from None
         with Image.open(label_path) as f:
             label = np.asarray(f)
         if label.ndim != 2:
@@ -344,6 +402,10 @@ class ADE20KDataset(Dataset):
         return image, reduce_zero_label(label) if self.reduce_zero_label else label
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Any]]:
+        """The sample at ``index``; an image that fails to decode is counted and replaced (``decode_or_replace``)."""
+        return decode_or_replace(self._sample, index, len(self.samples), self.skip_counter)
+
+    def _sample(self, index: int) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Any]]:
         image, label = self._load(index)
         if self.train:
             out = self.transform(image=image, mask=label)
@@ -395,7 +457,7 @@ def _check_args(
         raise ConfigError(f"data.batch_size {batch_size} / data.eval_batch_size {eval_batch_size} must be >= 1")
 
 
-class ADE20KDataModule(L.LightningDataModule):
+class ADE20KDataModule(ResumableTrainLoaderMixin, L.LightningDataModule):
     """ADE20K (ADEChallengeData2016, or any dataset in its layout) for semantic segmentation.
 
     Zhou et al., "Scene Parsing through ADE20K Dataset" (CVPR 2017) / "Semantic Understanding of Scenes through the
@@ -424,6 +486,8 @@ class ADE20KDataModule(L.LightningDataModule):
         num_workers: loader worker processes per device.
         pin_memory: pin host memory for faster host-to-device copies.
         persistent_workers: keep workers alive between epochs.
+        max_skipped_fraction: stop the run when more than this fraction of the samples fails to decode (each
+            failure is logged, replaced and counted as ``skipped_samples`` in ``summary.json``).
     """
 
     ignore_index = IGNORE_INDEX
@@ -448,9 +512,11 @@ class ADE20KDataModule(L.LightningDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        max_skipped_fraction: float = 0.001,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.max_skipped_fraction = check_skipped_fraction(max_skipped_fraction)
         _check_args(
             num_classes,
             crop_size,
@@ -515,6 +581,7 @@ class ADE20KDataModule(L.LightningDataModule):
             transform,
             train=train,
             reduce_zero_label=hp.reduce_zero_label,
+            num_classes=self.num_classes,
         )
         c = dataset.counts
         if rank_zero_only.rank == 0:
@@ -532,22 +599,11 @@ class ADE20KDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: ADE20KDataset, train: bool) -> DataLoader:
         hp = self.hparams
-        sampler = None
-        if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler = UnpaddedDistributedSampler(dataset)
-        if train and hp.num_workers == 0:
-            dataset.reseed(int(torch.randint(2**31, ()).item()))
-        return DataLoader(
-            dataset,
-            batch_size=hp.batch_size if train else hp.eval_batch_size,
-            shuffle=train,
-            sampler=sampler,
-            num_workers=hp.num_workers,
-            collate_fn=None if train else collate_segmentation_eval,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-            worker_init_fn=seed_worker,
-            drop_last=train,
+        options = dict(num_workers=hp.num_workers, pin_memory=hp.pin_memory, persistent_workers=hp.persistent_workers)
+        if train:
+            return self.train_loader(dataset, batch_size=hp.batch_size, **options)
+        return build_loader(
+            dataset, train=False, batch_size=hp.eval_batch_size, collate_fn=collate_segmentation_eval, **options
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -28,9 +28,9 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .decode import SkipCounter, check_skipped_fraction, decode_or_replace, decode_rgb
 from .errors import ConfigError, DataError
-from .image_folder import decode_rgb, seed_worker
-from .samplers import UnpaddedDistributedSampler
+from .loaders import ResumableTrainLoaderMixin, build_loader
 from .transforms import build_detection_transform
 
 __all__ = [
@@ -158,11 +158,18 @@ class COCODetectionDataset(Dataset):
                 f"{self.annotation_file}: malformed COCO entry ({type(error).__name__}: {error}): "
                 "fix the annotation file"
             ) from None
+        missing = [r.file_name for r in records if not (self.image_dir / r.file_name).is_file()]
+        if missing:
+            raise DataError(
+                f"missing image {self.image_dir / missing[0]} ({len(missing)} of the {len(records)} images listed in "
+                f"{self.annotation_file} are missing): restore them or remove their entries"
+            )
         self.empty_images = sum(len(r.ann_ids) == 0 for r in records)
         if skip_empty:
             self.empty_images_skipped = self.empty_images
             records = [r for r in records if r.ann_ids]
         self.records = records
+        self.skip_counter = SkipCounter()
 
     def _record(self, image: dict[str, Any]) -> _ImageRecord:
         height, width = int(image["height"]), int(image["width"])
@@ -231,6 +238,10 @@ class COCODetectionDataset(Dataset):
         return image
 
     def __getitem__(self, index: int) -> Sample:
+        """The sample at ``index``; an image that fails to decode is counted and replaced (``decode_or_replace``)."""
+        return decode_or_replace(self._sample, index, len(self.records), self.skip_counter)
+
+    def _sample(self, index: int) -> Sample:
         record = self.records[index]
         image = self._decode(record)
         masks = None
@@ -308,7 +319,7 @@ def _check_args(
         raise ConfigError(f"data.batch_size {batch_size} / data.eval_batch_size {eval_batch_size} must be >= 1")
 
 
-class COCODataModule(L.LightningDataModule):
+class COCODataModule(ResumableTrainLoaderMixin, L.LightningDataModule):
     """COCO 2017 (or any dataset in its layout) for object detection and instance segmentation.
 
     Lin et al., "Microsoft COCO: Common Objects in Context" (arXiv 1405.0312). Batches are
@@ -335,6 +346,8 @@ class COCODataModule(L.LightningDataModule):
         num_workers: loader worker processes per device.
         pin_memory: pin host memory for faster host-to-device copies.
         persistent_workers: keep workers alive between epochs.
+        max_skipped_fraction: stop the run when more than this fraction of the samples fails to decode (each
+            failure is logged, replaced and counted as ``skipped_samples`` in ``summary.json``).
     """
 
     def __init__(
@@ -356,9 +369,11 @@ class COCODataModule(L.LightningDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        max_skipped_fraction: float = 0.001,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.max_skipped_fraction = check_skipped_fraction(max_skipped_fraction)
         _check_args(img_scale, multi_scale, large_scale_jitter, hflip, min_box_size, batch_size, eval_batch_size)
         self.root = Path(root)
         if not self.root.is_dir():
@@ -474,22 +489,16 @@ class COCODataModule(L.LightningDataModule):
 
     def _loader(self, dataset: COCODetectionDataset, train: bool) -> DataLoader:
         hp = self.hparams
-        sampler = None
-        if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler = UnpaddedDistributedSampler(dataset)
-        if train and hp.num_workers == 0:
-            dataset.reseed(int(torch.randint(2**31, ()).item()))
-        return DataLoader(
-            dataset,
-            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
-            shuffle=train,
-            sampler=sampler,
+        options = dict(
             num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+            persistent_workers=hp.persistent_workers,
             collate_fn=collate_detection,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-            worker_init_fn=seed_worker,
         )
+        if train:
+            # NOTE: detection keeps the ragged last batch, as mmdetection and torchvision's references do
+            return self.train_loader(dataset, batch_size=hp.batch_size, drop_last=False, **options)
+        return build_loader(dataset, train=False, batch_size=hp.eval_batch_size or hp.batch_size, **options)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

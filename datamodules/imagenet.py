@@ -5,19 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as L
-import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 
+from .decode import check_skipped_fraction
 from .errors import DataError
-from .image_folder import ImageFolderDataset, find_classes, read_class_names, scan_image_folder, seed_worker
-from .samplers import UnpaddedDistributedSampler
+from .image_folder import ImageFolderDataset, find_classes, read_class_names, scan_image_folder
+from .loaders import ResumableTrainLoaderMixin, build_loader
 from .transforms import build_eval_transform, build_train_transform
 
 __all__ = ["ImageNetDataModule"]
 
 
-class ImageNetDataModule(L.LightningDataModule):
+class ImageNetDataModule(ResumableTrainLoaderMixin, L.LightningDataModule):
     """ImageNet (or any dataset in its class-folder layout) for classification.
 
     Layout: ``root/train/<class>/*`` and ``root/val/<class>/*``; the class index is the position of the folder name in
@@ -42,6 +42,9 @@ class ImageNetDataModule(L.LightningDataModule):
         pin_memory: pin host memory for faster host-to-device copies.
         persistent_workers: keep workers alive between epochs.
         class_names_file: optional file of class names.
+        max_skipped_fraction: stop the run when more than this fraction of the samples fails to decode (each
+            failure is logged, replaced by the next decodable image and counted as ``skipped_samples`` in
+            ``summary.json``; see ``tasks/training_health.py``).
     """
 
     def __init__(
@@ -63,9 +66,11 @@ class ImageNetDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         class_names_file: str | None = None,
+        max_skipped_fraction: float = 0.001,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.max_skipped_fraction = check_skipped_fraction(max_skipped_fraction)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data root {self.root} does not exist: set --data.init_args.root to the dataset folder")
@@ -116,24 +121,10 @@ class ImageNetDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: ImageFolderDataset, train: bool) -> DataLoader:
         hp = self.hparams
-        batch_size = hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)
-        sampler = None
-        if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler = UnpaddedDistributedSampler(dataset)
-        if train and hp.num_workers == 0:
-            dataset.reseed(int(torch.randint(2**31, ()).item()))
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            sampler=sampler,
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-            worker_init_fn=seed_worker,
-            # NOTE: mixup/cutmix need an even batch, and a ragged last batch skews batch statistics.
-            drop_last=train,
-        )
+        options = dict(num_workers=hp.num_workers, pin_memory=hp.pin_memory, persistent_workers=hp.persistent_workers)
+        if train:
+            return self.train_loader(dataset, batch_size=hp.batch_size, **options)
+        return build_loader(dataset, train=False, batch_size=hp.eval_batch_size or hp.batch_size, **options)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

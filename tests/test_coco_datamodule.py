@@ -271,16 +271,21 @@ def test_loaders_collate_lists_and_shard_validation(coco_root: Path, monkeypatch
 
 
 def test_training_augmentation_is_seeded_and_changes_between_epochs(coco_root: Path) -> None:
-    dm = _dm(coco_root, img_scale=(150, 100), multi_scale=[30, 50, 70, 100], hflip=0.5, batch_size=1)
-    dm.setup("fit")
+    def epoch(dm: COCODataModule, number: int) -> list[tuple]:
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(number)  # what Lightning does at every epoch start
+        return [(t["image_id"], tuple(i.shape), t["boxes"][0, 0].item()) for i, t in _flat(loader)]
 
-    def epoch() -> list[tuple]:
-        return [(t["image_id"], tuple(i.shape), t["boxes"][0, 0].item()) for i, t in _flat(dm.train_dataloader())]
+    def datamodule() -> COCODataModule:
+        dm = _dm(coco_root, img_scale=(150, 100), multi_scale=[30, 50, 70, 100], hflip=0.5, batch_size=1)
+        dm.setup("fit")
+        return dm
 
     torch.manual_seed(0)
-    first, second = epoch(), epoch()
+    dm = datamodule()
+    first, second = epoch(dm, 0), epoch(dm, 1)
     torch.manual_seed(0)
-    assert epoch() == first  # the seed fixes shuffling, scales and flips
+    assert epoch(datamodule(), 0) == first  # the seed fixes shuffling, scales and flips
     assert second != first  # but each epoch draws new ones
 
 
@@ -321,8 +326,8 @@ def test_data_problems_found_at_setup(coco_root: Path, tmp_path: Path) -> None:
     root = _copy(coco_root, tmp_path / "ds")
     (root / "val2017" / "b.png").unlink()
     dm = _dm(root)
-    dm.setup("validate")
     with pytest.raises(DataError, match=r"missing image .*val2017/b.png"):
+        dm.setup("validate")
         _samples(dm.val_set)
     train = root / "annotations" / "instances_train2017.json"
     data = json.loads(train.read_text())

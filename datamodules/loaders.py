@@ -1,0 +1,168 @@
+"""Data loaders that resume exactly: the training order and every sample's augmentation depend only on
+(seed, epoch, index), and a run restarted from a mid-epoch checkpoint sees exactly the samples it had not seen yet.
+
+Written by hand because Lightning restores a loader's position only through a ``state_dict`` the loader provides,
+and the maintained stateful loader (``torchdata.nodes`` / ``StatefulDataLoader``) replays augmentations only when
+every worker's random state is snapshotted, which a checkpoint taken from the main process cannot do. Seeding each
+sample from (seed, epoch, index) makes the augmentation independent of which worker draws it, so only the position
+has to be stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .image_folder import seed_worker
+from .samplers import UnpaddedDistributedSampler
+
+__all__ = ["ResumableSampler", "ResumableTrainLoaderMixin", "SeededSamples", "build_loader", "sample_seed"]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of sample ``index`` in ``epoch`` of a run seeded with ``seed`` (a 32-bit integer)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def _distributed_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffled shard of the training set that yields ``(index, augmentation seed)`` and can skip a consumed prefix.
+
+    The order is ``DistributedSampler``'s (a permutation seeded with ``seed + epoch``, padded to a multiple of the world
+    size, every ``world``-th index from ``rank``), so one process and many see the same global order. ``skip(epoch, n)``
+    drops the first ``n`` samples of this rank's shard the next time ``epoch`` is iterated; ``len()`` stays the full
+    shard length because Lightning counts batches from the start of the epoch it restores. Subclassing
+    ``DistributedSampler`` keeps Lightning from replacing it under DDP.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        world, rank = _distributed_world()
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self._skip: tuple[int, int] | None = None
+
+    def skip(self, epoch: int, samples: int) -> None:
+        """Drop the first ``samples`` indices of ``epoch`` (once)."""
+        self._skip = (epoch, samples) if samples > 0 else None
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        indices = list(super().__iter__())
+        if self._skip is not None and self._skip[0] == self.epoch:
+            indices = indices[self._skip[1] :]
+            self._skip = None
+        return iter([(index, sample_seed(self.seed, self.epoch, index)) for index in indices])
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset: ``wrapped[(index, seed)]`` reseeds its transform with ``seed``, then returns ``dataset[index]``.
+
+    The wrapped dataset must have ``reseed(seed)`` (the project's datasets reseed their albumentations pipeline with
+    it); the global ``random``/``numpy``/``torch`` generators are left alone, so loading in the main process
+    (``num_workers=0``) does not disturb the model's random stream.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        self.dataset.reseed(seed)  # type: ignore[attr-defined]
+        return self.dataset[index]
+
+
+def build_loader(
+    dataset: Dataset,
+    *,
+    train: bool,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool = True,
+    persistent_workers: bool = False,
+    collate_fn: Callable[[Sequence[Any]], Any] | None = None,
+    seed: int = 0,
+    drop_last: bool | None = None,
+) -> DataLoader:
+    """The project's DataLoader for one split.
+
+    Training: a ``ResumableSampler`` (shuffled, sharded across DDP ranks) over ``SeededSamples(dataset)``, and by
+    default the last ragged batch dropped (mixup/cutmix need an even batch, and a small last batch skews batch
+    statistics).
+    Evaluation: in order, and under DDP an ``UnpaddedDistributedSampler`` so that every sample is scored once.
+    Either way the loader owns a generator seeded from ``seed``, so creating an iterator never draws from the global
+    random stream (a resumed run would otherwise shift the model's dropout and drop-path masks).
+    """
+    world, _ = _distributed_world()
+    generator = torch.Generator().manual_seed(seed)
+    if train:
+        sampler: Any = ResumableSampler(dataset, seed)
+        dataset = SeededSamples(dataset)
+    else:
+        sampler = UnpaddedDistributedSampler(dataset) if world > 1 else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        persistent_workers=persistent_workers and num_workers > 0,
+        worker_init_fn=seed_worker,
+        collate_fn=collate_fn,
+        generator=generator,
+        drop_last=train if drop_last is None else drop_last,
+    )
+
+
+class ResumableTrainLoaderMixin:
+    """For a ``LightningDataModule``: the training loader's position travels in the checkpoint.
+
+    ``state_dict()`` (called by Lightning when it saves) records the loader seed, the epoch and how many samples of
+    this rank's shard the training steps have consumed; ``load_state_dict()`` (called when it restores) makes the next
+    ``train_loader(...)`` skip them. Batches prefetched but not yet trained on are not counted: the count comes from
+    the trainer's processed-batch counter, not from the loader.
+    """
+
+    trainer: Any
+    _train_seed: int | None = None
+    _train_batch_size: int = 0
+    _pending_resume: dict[str, int] | None = None
+
+    def train_loader(self, dataset: Dataset, *, batch_size: int, **kwargs: Any) -> DataLoader:
+        """``build_loader(dataset, train=True, ...)`` with the run's loader seed and any restored position applied."""
+        resume = self._pending_resume
+        if resume is not None:
+            self._train_seed = resume["seed"]
+        elif self._train_seed is None:
+            # NOTE: drawn once from the global stream, so it follows seed_everything; then kept in checkpoints
+            self._train_seed = int(torch.randint(2**31, ()).item())
+        loader = build_loader(dataset, train=True, batch_size=batch_size, seed=self._train_seed, **kwargs)
+        if resume is not None:
+            loader.sampler.skip(resume["epoch"], resume["samples"])  # type: ignore[union-attr]
+            self._pending_resume = None
+        self._train_batch_size = batch_size
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or self._train_seed is None:
+            return {}
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {
+            "seed": self._train_seed,
+            "epoch": trainer.current_epoch,
+            "samples": processed * self._train_batch_size,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._pending_resume = {key: int(state_dict[key]) for key in ("seed", "epoch", "samples")}
