@@ -15,14 +15,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.trainer import Trainer
 
-from datamodules.errors import UserError
-from tasks.checkpoint_io import AtomicCheckpointIO
+from datamodules.errors import ConfigError, UserError
+from tasks.checkpoint_loading import CheckedCheckpointIO, checkpoint_errors
+from tasks.config_checks import check_model_fits_data
+from tasks.fault_tolerance import Preemption, RandomStateCheckpoint
 from tasks.run_artifacts import RunArtifacts
+from tasks.run_loggers import point_loggers_at_run
+from tasks.training_health import RunHealth
+from tasks.visualization.callbacks import ValidationOverlays
 
 DEMO_ROOT = Path("data/demo")
 _RUN_NAME_ENV = "STRATA_RUN_NAME"
@@ -58,7 +64,25 @@ class StrataCLI(LightningCLI):
             "--name", type=str | None, default=None, help="Run name (default: <task>-<backbone>-<time>)"
         )
         parser.add_argument("--out_dir", type=str, default="checkpoints", help="Root folder of run directories.")
+        parser.add_argument(
+            "--save_every_n_steps",
+            type=int,
+            default=1000,
+            help="Also write last.ckpt every N training steps, with the data loader's position (0: only per epoch).",
+        )
+        parser.add_argument(
+            "--val_overlays",
+            type=int,
+            default=4,
+            help="Draw this many validation images with predictions to <run>/visualizations each epoch (0: off).",
+        )
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        # NOTE: LightningCLI reads --ckpt_path's hyperparameters here, before any hook; a bad file is named in one line
+        subcommand = self.config.get("subcommand")
+        with checkpoint_errors(self.config[subcommand].get("ckpt_path") if subcommand else None):
+            super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
@@ -68,12 +92,19 @@ class StrataCLI(LightningCLI):
         os.environ[_RUN_NAME_ENV] = name
         self.run_name = name
         self.run_dir = Path(config.out_dir) / name
+        if config.trainer.get("sync_batchnorm") and not torch.cuda.is_available():
+            raise ConfigError(
+                "trainer.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm has no CPU path): drop it on CPU"
+            )
+        rank_zero = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+        point_loggers_at_run(config.trainer.get("logger"), self.run_dir, name, write_ids=rank_zero)
         data_root = Path(str(config.data.init_args.get("root", "")))
         if data_root.parent == DEMO_ROOT and data_root.name in _DEMO_GENERATORS:
             module, function = _DEMO_GENERATORS[data_root.name]
             getattr(importlib.import_module(module), function)(DEMO_ROOT)  # NOTE: a no-op once the data exist
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        check_model_fits_data(self.model, self.datamodule)  # NOTE: before any image is read
         trainer_cfg = dict(self._get(self.config_init, "trainer", default={}))
         loggers = trainer_cfg.get("logger")
         # NOTE: fit logs to <run>/metrics.csv; validate/test/predict to <run>/<subcommand>/ so they never clobber it
@@ -89,7 +120,7 @@ class StrataCLI(LightningCLI):
         kwargs["default_root_dir"] = str(self.run_dir)
         plugins = trainer_cfg.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
-        kwargs["plugins"] = [AtomicCheckpointIO(), *plugins]
+        kwargs["plugins"] = [CheckedCheckpointIO(self.model), *plugins]
         model = self.model
         checkpoint = ModelCheckpoint(
             dirpath=self.run_dir,
@@ -101,7 +132,22 @@ class StrataCLI(LightningCLI):
             auto_insert_metric_name=False,
             enable_version_counter=False,
         )
-        callbacks = [checkpoint, RunArtifacts(self.run_dir)]
+        callbacks = [
+            checkpoint,
+            RunHealth(),
+            RunArtifacts(self.run_dir),
+            Preemption(self.run_dir),
+            RandomStateCheckpoint(),
+        ]
+        overlays = self.config[self.subcommand].get("val_overlays", 0)
+        if overlays > 0 and self.subcommand in ("fit", "validate"):
+            callbacks.append(ValidationOverlays(self.run_dir, num_images=overlays))
+        every_n_steps = self.config[self.subcommand].get("save_every_n_steps", 0)
+        if self.subcommand == "fit" and every_n_steps > 0:
+            # NOTE: a mid-epoch last.ckpt; the datamodule's state in it holds the loader position
+            callbacks.append(
+                ModelCheckpoint(dirpath=self.run_dir, save_top_k=0, save_last=True, every_n_train_steps=every_n_steps)
+            )
         writer = getattr(model, "prediction_writer", None)
         if self.subcommand == "predict" and writer is not None:
             callbacks.append(writer(self.run_dir))

@@ -29,7 +29,10 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from .backbone import ConfigError, create_backbone
+from .checkpoint_loading import pretrained_file_errors
+from .config_checks import backbone_errors
 from .prediction_writer import ClassificationPredictionWriter
+from .training_health import NonFiniteLossGuard
 
 __all__ = ["ClassificationTask"]
 
@@ -63,6 +66,8 @@ class ClassificationTask(L.LightningModule):
         monitor: metric that selects ``best.ckpt`` and the exported weights (``val/top1`` or ``val/ema_top1``).
         channels_last: run the model in channels-last memory format (faster convolutions on GPUs).
         compile: run the model through ``torch.compile``.
+        max_nonfinite_steps: training steps with a non-finite loss that are skipped before the run stops
+            (``tasks/training_health.py``).
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class ClassificationTask(L.LightningModule):
         monitor: str = "val/top1",
         channels_last: bool = False,
         compile: bool = False,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -102,12 +108,16 @@ class ClassificationTask(L.LightningModule):
         kwargs = dict(backbone_kwargs or {})
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
-        self.model = create_backbone(
-            backbone, pretrained=pretrained, pretrained_file=pretrained_file, num_classes=num_classes, **kwargs
-        )
+        with backbone_errors(backbone), pretrained_file_errors(pretrained_file, backbone):
+            self.model = create_backbone(
+                backbone, pretrained=pretrained, pretrained_file=pretrained_file, num_classes=num_classes, **kwargs
+            )
+        self.nonfinite_guard = NonFiniteLossGuard(max_nonfinite_steps)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.ema = ModelEmaV3(self.model, decay=ema_decay, use_warmup=ema_warmup) if ema_decay is not None else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)  # NOTE: else DDP waits for gradients of the EMA copy that never come
         self.monitor = monitor
         self.monitor_mode = "min" if monitor.endswith("loss") else "max"
 
@@ -133,7 +143,6 @@ class ClassificationTask(L.LightningModule):
         self.ema_metrics = self.val_metrics.clone(prefix="val/ema_") if self.ema is not None else None
         # NOTE: kept out of the module tree so checkpoints hold ``model.*`` keys only, compiled or not.
         self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
-        self._ema_step = -1
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -142,20 +151,28 @@ class ClassificationTask(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
+        self.nonfinite_guard.before_forward(self)
         if self.mixup_fn is not None:
             images, soft_targets = self.mixup_fn(images, targets)
             loss = self.soft_target_loss(self(images), soft_targets)
         else:
             loss = F.cross_entropy(self(images), targets, label_smoothing=self.hparams.label_smoothing)
+        loss = self.nonfinite_guard(self, loss)
+        if self.nonfinite_guard.skipping:
+            return loss  # NOTE: a zero-gradient stand-in: every process drops this step (training_health.py)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # NOTE: one EMA update per optimizer step, also under gradient accumulation.
-        if self.ema is not None and self.global_step != self._ema_step:
-            self._ema_step = self.global_step
-            self.ema.update(self.model, step=self.global_step)
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.nonfinite_guard.drop_skipped_step(self)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # NOTE: one EMA update per optimizer step (also under gradient accumulation), before any checkpoint of the
+        # step is written (callbacks save in on_train_batch_end), so a resumed run's EMA is exact
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step + 1)
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         images, targets = batch

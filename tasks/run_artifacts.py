@@ -14,7 +14,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
+from .checkpoint_loading import load_checkpoint_file
 from .export import export_for_timm
+from .training_health import health_summary
+from .visualization.curves import plot_training_curves
 
 __all__ = ["RunArtifacts"]
 
@@ -89,13 +92,15 @@ class RunArtifacts(L.Callback):
             "final_metrics": {k: _plain(v) for k, v in sorted(trainer.callback_metrics.items())},
             "train_images_per_sec": round(self.train_images / self.train_seconds, 2) if self.train_seconds else None,
             "wall_seconds": round(time.perf_counter() - self._fit_start, 2),
+            **health_summary(trainer, pl_module),  # skipped_samples, nonfinite_steps, overflow_steps
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_training_curves(self.run_dir)
         self._print_screen(summary, exported)
 
     def _export_best(self, trainer: L.Trainer, pl_module: L.LightningModule, best_path: str) -> Path:
         """Load ``best.ckpt`` into a copy of the task on CPU and export its weights."""
-        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+        state = load_checkpoint_file(best_path)["state_dict"]
         current = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         pl_module.load_state_dict(state)
         try:

@@ -1,0 +1,87 @@
+"""Loggers chosen in the config (wandb, TensorBoard, CSV), pointed at the run directory.
+
+- wandb: logs under ``<run>/wandb``; runs offline unless credentials exist (``WANDB_API_KEY``, a ``~/.netrc`` entry
+  for api.wandb.ai, or an explicit ``WANDB_MODE``), so it never prompts and never waits on a network it cannot reach;
+  the run id is kept in ``<run>/wandb_run_id`` and reused, so a resumed run continues the same wandb run. wandb reads
+  the API key from the environment; nothing here copies it into a config, log or checkpoint.
+- TensorBoard: event files under ``<run>/tensorboard``.
+- CSV: ``train.py`` always adds one (``<run>/metrics.csv``).
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import secrets
+import string
+from pathlib import Path
+from typing import Any
+
+__all__ = ["WANDB_ID_FILE", "has_wandb_credentials", "point_loggers_at_run", "wandb_run_id"]
+
+WANDB_ID_FILE = "wandb_run_id"
+_WANDB = "WandbLogger"
+_TENSORBOARD = "TensorBoardLogger"
+
+
+def has_wandb_credentials() -> bool:
+    """True when wandb can log in without asking: an API key in the environment or in ``~/.netrc``."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id of ``run_dir``: read from ``run_dir/wandb_run_id``, or created and written there."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    alphabet = string.ascii_lowercase + string.digits
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
+
+
+def _class_name(config: Any) -> str:
+    class_path = config.get("class_path", "") if hasattr(config, "get") else ""
+    return str(class_path).rsplit(".", 1)[-1]
+
+
+def point_loggers_at_run(logger_config: Any, run_dir: Path, run_name: str, *, write_ids: bool) -> None:
+    """Edit the config's ``trainer.logger`` entries (before instantiation) so they write into ``run_dir``.
+
+    Args:
+        logger_config: ``trainer.logger`` of the parsed config: a logger's ``class_path``/``init_args`` namespace, a
+            list of them, or a bool / None (left alone).
+        run_dir: The run directory.
+        run_name: The run name (wandb's display name unless the config sets one).
+        write_ids: Create ``run_dir/wandb_run_id`` if missing (rank 0 only: other ranks' loggers do not log).
+    """
+    entries = logger_config if isinstance(logger_config, list) else [logger_config]
+    for entry in entries:
+        name = _class_name(entry)
+        if name not in (_WANDB, _TENSORBOARD):
+            continue
+        if entry.get("init_args") is None:
+            entry["init_args"] = type(entry)()
+        init_args = entry["init_args"]
+        if name == _TENSORBOARD:
+            init_args["save_dir"] = str(run_dir)
+            init_args["name"] = "tensorboard"
+            init_args["version"] = ""
+            continue
+        init_args["save_dir"] = str(run_dir)
+        if not init_args.get("name"):
+            init_args["name"] = run_name
+        if write_ids or (run_dir / WANDB_ID_FILE).is_file():
+            init_args["id"] = wandb_run_id(run_dir)
+        init_args["resume"] = "allow"
+        if not os.environ.get("WANDB_MODE") and not has_wandb_credentials():
+            init_args["offline"] = True
+            os.environ["WANDB_MODE"] = "offline"  # NOTE: child DDP processes inherit it

@@ -1,0 +1,1 @@
+"""Test-only helpers importable from subprocesses (``tests.support``)."""
