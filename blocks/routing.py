@@ -27,6 +27,8 @@ What differs from the official code, on purpose:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, register_notrace_function, register_notrace_module
@@ -274,6 +276,8 @@ class BiLevelRoutingAttention(nn.Module):
         self.router = RegionRouter(topk, self.scale)
         self.proj = nn.Linear(dim, dim)
         self._slices = (slice(0, qk_dim), slice(qk_dim, 2 * qk_dim), slice(2 * qk_dim, 2 * qk_dim + dim))
+        # NOTE: set only while an attention capture records this block (tasks/visualization/capture.py)
+        self.capture: Callable[..., None] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         B, H, W, _ = x.shape
@@ -302,6 +306,8 @@ class BiLevelRoutingAttention(nn.Module):
                 q_win, k_win = ((t * valid).sum(1) / valid.sum(1) for t in (q, k))
         idx = self.router(q_win.view(B, R, -1), k_win.view(B, R, -1))  # (B, R, topk)
         topk = idx.shape[-1]
+        if self.capture is not None:
+            self.capture(q=q, k=k, v=v, idx=idx, grid=grid, size=(H, W), key_valid=key_valid)
 
         if self.impl == "reference":
             kv = torch.cat([k, v], dim=-1).view(B, R, w2, -1)

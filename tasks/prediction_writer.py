@@ -1,5 +1,6 @@
 """Writes ``predict`` results into the run directory: ``predictions.csv`` (classification), ``predictions_coco.json``
-(detection, COCO results format), ``predictions/<name>.png`` (segmentation label maps)."""
+(detection, COCO results format), ``predictions/<name>.png`` (segmentation label maps); detection and segmentation
+also draw their first ``max_overlays`` images (per process) to ``predictions/overlays/`` beside the ground truth."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+from pycocotools import mask as mask_utils
 
 from .coco_evaluation import CocoEvaluator
+from .visualization.overlays import render_detection, render_segmentation, to_uint8_image
 
 __all__ = ["ClassificationPredictionWriter", "CocoPredictionWriter", "SegmentationPredictionWriter"]
 
@@ -77,15 +82,20 @@ class CocoPredictionWriter(BasePredictionWriter):
 
     The file is a COCO results list (original category ids, ``xywh`` boxes, scores, RLE masks) that
     ``COCO.loadRes`` and the official evaluator accept; under DDP every rank's records are gathered first.
+    The first ``max_overlays`` images are drawn to ``predictions/overlays/<image_id>.png`` (prediction | ground
+    truth, at the original size).
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, max_overlays: int = 16) -> None:
         super().__init__(write_interval="batch")
         self.run_dir = Path(run_dir)
+        self.max_overlays = max_overlays
         self._results = CocoEvaluator("unused.json")
+        self._overlays = 0
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._results.reset()
+        self._overlays = 0
 
     def write_on_batch_end(
         self,
@@ -98,6 +108,13 @@ class CocoPredictionWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         self._results.update(prediction["records"], prediction["image_ids"])
+        for image, target in zip(*batch):
+            if self._overlays >= self.max_overlays:
+                break
+            self._overlays += 1
+            records = [r for r in prediction["records"] if r["image_id"] == int(target["image_id"])]
+            picture = _coco_overlay(image, target, records, trainer.datamodule)
+            _save_png(picture, self.run_dir / "predictions" / "overlays" / f"{int(target['image_id'])}.png")
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._results.gather()
@@ -106,15 +123,52 @@ class CocoPredictionWriter(BasePredictionWriter):
             self._results.write_results(self.run_dir / "predictions_coco.json")
 
 
+def _save_png(picture: Image.Image, target: Path) -> None:
+    """Write under a temporary name and rename, so a killed run never leaves a truncated PNG."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    picture.save(tmp, format="PNG")
+    tmp.replace(target)
+
+
+def _coco_overlay(image: torch.Tensor, target: dict[str, Any], records: list[dict], datamodule: Any) -> Image.Image:
+    """Prediction | ground truth at the original image size from COCO result records and the resized target."""
+    height, width = (int(v) for v in target["orig_size"])
+    shown = Image.fromarray(to_uint8_image(image)).resize((width, height), Image.BILINEAR)
+    label_of = datamodule.category_id_to_label
+    boxes = [[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in records)]
+    pred = {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor([label_of(r["category_id"]) for r in records], dtype=torch.int64),
+        "scores": torch.tensor([r["score"] for r in records], dtype=torch.float32),
+    }
+    if records and all("segmentation" in r for r in records):
+        pred["masks"] = torch.from_numpy(np.stack([mask_utils.decode(r["segmentation"]) for r in records]))
+    sy, sx = target["scale"]
+    truth = {"boxes": target["boxes"] / torch.tensor([sx, sy, sx, sy]), "labels": target["labels"]}
+    if "masks" in target and len(target["masks"]):
+        masks = target["masks"][:, None].float()
+        truth["masks"] = torch.nn.functional.interpolate(masks, size=(height, width), mode="nearest")[:, 0]
+    names = getattr(datamodule, "class_names", None)
+    return render_detection(np.asarray(shown), pred, truth, names)
+
+
 class SegmentationPredictionWriter(BasePredictionWriter):
     """One PNG label map per image in ``predictions/``, in ADE20K's label space: predicted class index + 1.
 
-    Files are written under a temporary name and renamed, so a killed run never leaves a truncated PNG.
+    Files are written under a temporary name and renamed, so a killed run never leaves a truncated PNG. The first
+    ``max_overlays`` images are also drawn to ``predictions/overlays/<name>.png`` (image | ground truth |
+    prediction, colour-coded with a legend of class names).
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, max_overlays: int = 16) -> None:
         super().__init__(write_interval="batch")
         self.out_dir = Path(run_dir) / "predictions"
+        self.max_overlays = max_overlays
+        self._overlays = 0
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._overlays = 0
 
     def write_on_batch_end(
         self,
@@ -126,8 +180,6 @@ class SegmentationPredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        from PIL import Image
-
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for pred, name in zip(prediction["preds"], prediction["names"]):
             if int(pred.max()) >= 255:
@@ -136,3 +188,22 @@ class SegmentationPredictionWriter(BasePredictionWriter):
             tmp = target.with_name(f".{target.name}.tmp")
             Image.fromarray((pred.to(torch.uint8) + 1).numpy(), mode="L").save(tmp, format="PNG")
             tmp.replace(target)
+        images, masks = batch[0], batch[1]
+        datamodule = trainer.datamodule
+        hp = getattr(datamodule, "hparams", {})
+        for i, (pred, name) in enumerate(zip(prediction["preds"], prediction["names"])):
+            if self._overlays >= self.max_overlays:
+                break
+            self._overlays += 1
+            size = tuple(pred.shape)
+            shown = Image.fromarray(to_uint8_image(images[i], hp.get("mean"), hp.get("std")))
+            truth = masks[i].cpu() if tuple(masks[i].shape[-2:]) == size else None
+            picture = render_segmentation(
+                np.asarray(shown.resize(size[::-1], Image.BILINEAR)),
+                pred,
+                truth,
+                getattr(datamodule, "class_names", None),
+                num_classes=pl_module.hparams.get("num_classes"),
+                ignore_index=pl_module.hparams.get("ignore_index", 255),
+            )
+            _save_png(picture, self.out_dir / "overlays" / f"{name}.png")
