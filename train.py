@@ -146,7 +146,13 @@ class StrataCLI(LightningCLI):
         if self.subcommand == "fit" and every_n_steps > 0:
             # NOTE: a mid-epoch last.ckpt; the datamodule's state in it holds the loader position
             callbacks.append(
-                ModelCheckpoint(dirpath=self.run_dir, save_top_k=0, save_last=True, every_n_train_steps=every_n_steps)
+                ModelCheckpoint(
+                    dirpath=self.run_dir,
+                    save_top_k=0,
+                    save_last=True,
+                    every_n_train_steps=every_n_steps,
+                    enable_version_counter=False,
+                )
             )
         writer = getattr(model, "prediction_writer", None)
         if self.subcommand == "predict" and writer is not None:

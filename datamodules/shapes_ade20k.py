@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 ADE_GENERATOR_VERSION = 1
-DEMO_NUM_TRAIN = 600
+DEMO_NUM_TRAIN = 2000
 DEMO_NUM_VAL = 100
 
 OBJECT_SCALE = (0.15, 0.45)  # circumradius / half the image side

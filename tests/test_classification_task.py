@@ -76,18 +76,40 @@ def test_mixup_uses_soft_targets(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(target.sum(-1), torch.ones(4))
 
 
-def test_ema_tracks_weights_once_per_step() -> None:
-    task = _task(ema_decay=0.5)
-    ema_param = next(task.ema.module.parameters())
-    param = next(task.model.parameters())
-    before = ema_param.detach().clone()
-    with torch.no_grad():
-        param.add_(1.0)
-    task._trainer = SimpleNamespace(global_step=5)  # past timm's first steps, where the EMA copies the weights
-    task.on_train_batch_end(None, None, 0)
-    torch.testing.assert_close(ema_param, before + 0.5)
-    task.on_train_batch_end(None, None, 1)  # same optimizer step (gradient accumulation): no second update
-    torch.testing.assert_close(ema_param, before + 0.5)
+def test_ema_updates_once_per_optimizer_step_before_checkpoint_hooks(tmp_path) -> None:
+    import lightning.pytorch as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    task = _task(ema_decay=0.5, warmup_epochs=0)
+    assert not any(p.requires_grad for p in task.ema.parameters())  # DDP must not wait for EMA gradients
+    updates: list[int] = []
+    real_update = task.ema.update
+    task.ema.update = lambda model, step=None: (updates.append(step), real_update(model, step=step))[1]
+
+    class EmaSeenByCallbacks(L.Callback):
+        """What a checkpoint written in on_train_batch_end would hold: the EMA must already include this step."""
+
+        seen: list[int] = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            self.seen.append(len(updates))
+
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 6
+    loader = DataLoader(TensorDataset(images, labels), batch_size=2)
+    callback = EmaSeenByCallbacks()
+    trainer = L.Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(task, train_dataloaders=loader)
+    assert updates == [1, 2]  # 4 batches, accumulation 2: two optimizer steps, one EMA update each, timm's step count
+    assert callback.seen == [0, 1, 1, 2]  # updated before the callbacks of the batch that stepped
     assert any(k.startswith("ema.module.") for k in task.state_dict())
 
 

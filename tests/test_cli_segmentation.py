@@ -39,6 +39,8 @@ def _args(subcommand: str, data: Path, out: Path, *extra: str) -> list[str]:
         "4",
         "--data.init_args.num_workers",
         "0",
+        "--model.init_args.pretrained_file",
+        "null",
         "--model.init_args.backbone_kwargs",
         "{n_win: 2, window_size: 2}",
         "--model.init_args.head_channels",

@@ -85,6 +85,7 @@ def reference(tiny_imagenet: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     out = tmp_path_factory.mktemp("reference")
     result = _fit(tiny_imagenet, out)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not list((out / "run").glob("last-v*.ckpt"))  # the periodic and the per-epoch saves share last.ckpt
     return _state(out / "run")
 
 
