@@ -24,6 +24,7 @@ from lightning.pytorch.trainer import Trainer
 from datamodules.errors import ConfigError, UserError
 from tasks.checkpoint_loading import CheckedCheckpointIO, checkpoint_errors
 from tasks.config_checks import check_model_fits_data
+from tasks.csv_logging import AppendingCSVLogger
 from tasks.fault_tolerance import Preemption, RandomStateCheckpoint
 from tasks.run_artifacts import RunArtifacts
 from tasks.run_loggers import point_loggers_at_run
@@ -109,7 +110,8 @@ class StrataCLI(LightningCLI):
         loggers = trainer_cfg.get("logger")
         # NOTE: fit logs to <run>/metrics.csv; validate/test/predict to <run>/<subcommand>/ so they never clobber it
         version = "" if self.subcommand == "fit" else self.subcommand
-        csv_logger = CSVLogger(save_dir=str(self.run_dir.parent), name=self.run_name, version=version)
+        csv_class = AppendingCSVLogger if self.subcommand == "fit" else CSVLogger  # NOTE: a resumed fit keeps its rows
+        csv_logger = csv_class(save_dir=str(self.run_dir.parent), name=self.run_name, version=version)
         if loggers is False:
             kwargs["logger"] = False
         elif loggers is None or loggers is True:

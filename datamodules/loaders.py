@@ -157,6 +157,8 @@ class ResumableTrainLoaderMixin:
         if trainer is None or self._train_seed is None:
             return {}
         processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if processed >= trainer.num_training_batches:
+            processed = 0  # NOTE: the epoch is complete (a save after it may already carry the next epoch's number)
         return {
             "seed": self._train_seed,
             "epoch": trainer.current_epoch,

@@ -188,6 +188,8 @@ class SegmentationPredictionWriter(BasePredictionWriter):
             tmp = target.with_name(f".{target.name}.tmp")
             Image.fromarray((pred.to(torch.uint8) + 1).numpy(), mode="L").save(tmp, format="PNG")
             tmp.replace(target)
+        if batch is None or trainer is None or self._overlays >= self.max_overlays:
+            return  # NOTE: overlays need the batch's images; the label maps above never do
         images, masks = batch[0], batch[1]
         datamodule = trainer.datamodule
         hp = getattr(datamodule, "hparams", {})

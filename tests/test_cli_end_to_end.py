@@ -124,6 +124,9 @@ def test_rerun_resumes_from_last_checkpoint(fitted_run: Path, tiny_imagenet: Pat
     cli = cli_main(_args("fit", tiny_imagenet, tmp_path, "--trainer.max_epochs", "3"))
     assert cli.trainer.global_step == 3 * 4  # continued from step 8, not restarted
     assert json.loads((run / "summary.json").read_text())["epochs"] == 3
+    with open(run / "metrics.csv") as f:
+        validated_epochs = [int(row["epoch"]) for row in csv.DictReader(f) if row.get("val/top1")]
+    assert validated_epochs == [0, 1, 2]  # the resumed run appends to the history, never replaces it
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
