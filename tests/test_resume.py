@@ -105,9 +105,7 @@ def test_sigkill_mid_training_then_rerun_gives_identical_weights(
     _assert_same_weights(weights, reference[1])
 
 
-def test_sigkill_during_a_checkpoint_save_leaves_the_previous_one_loadable(
-    tiny_imagenet: Path, tmp_path: Path
-) -> None:
+def test_sigkill_during_a_checkpoint_save_leaves_the_previous_one_loadable(tiny_imagenet: Path, tmp_path: Path) -> None:
     killed = _fit(tiny_imagenet, tmp_path, *_kill_callback("KillDuringSave", 6))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     step, weights = _state(tmp_path / "run")  # loads with weights_only=True: complete, not truncated
