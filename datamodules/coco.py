@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .decode import SkipCounter, check_skipped_fraction, decode_or_replace, decode_rgb
 from .errors import ConfigError, DataError
-from .loaders import ResumableTrainLoaderMixin, build_loader
+from .loaders import EvalLoadersMixin, ResumableTrainLoaderMixin, build_loader
 from .transforms import build_detection_transform
 
 __all__ = [
@@ -319,7 +319,7 @@ def _check_args(
         raise ConfigError(f"data.batch_size {batch_size} / data.eval_batch_size {eval_batch_size} must be >= 1")
 
 
-class COCODataModule(ResumableTrainLoaderMixin, L.LightningDataModule):
+class COCODataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningDataModule):
     """COCO 2017 (or any dataset in its layout) for object detection and instance segmentation.
 
     Lin et al., "Microsoft COCO: Common Objects in Context" (arXiv 1405.0312). Batches are
@@ -506,14 +506,3 @@ class COCODataModule(ResumableTrainLoaderMixin, L.LightningDataModule):
         if len(self.train_set) == 0:
             raise DataError(f"{self.train_annotation_file} has no image with a usable instance: check the annotations")
         return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_set is None:
-            self.setup("validate")
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

@@ -11,13 +11,13 @@ from torch.utils.data import DataLoader
 from .decode import check_skipped_fraction
 from .errors import DataError
 from .image_folder import ImageFolderDataset, find_classes, read_class_names, scan_image_folder
-from .loaders import ResumableTrainLoaderMixin, build_loader
+from .loaders import EvalLoadersMixin, ResumableTrainLoaderMixin, build_loader
 from .transforms import build_eval_transform, build_train_transform
 
 __all__ = ["ImageNetDataModule"]
 
 
-class ImageNetDataModule(ResumableTrainLoaderMixin, L.LightningDataModule):
+class ImageNetDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningDataModule):
     """ImageNet (or any dataset in its class-folder layout) for classification.
 
     Layout: ``root/train/<class>/*`` and ``root/val/<class>/*``; the class index is the position of the folder name in
@@ -135,14 +135,3 @@ class ImageNetDataModule(ResumableTrainLoaderMixin, L.LightningDataModule):
                 f"(--data.batch_size {self.hparams.batch_size}): lower the batch size"
             )
         return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_set is None:
-            self.setup("validate")
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

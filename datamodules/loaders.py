@@ -20,7 +20,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .image_folder import seed_worker
 from .samplers import UnpaddedDistributedSampler
 
-__all__ = ["ResumableSampler", "ResumableTrainLoaderMixin", "SeededSamples", "build_loader", "sample_seed"]
+__all__ = [
+    "EvalLoadersMixin",
+    "ResumableSampler",
+    "ResumableTrainLoaderMixin",
+    "SeededSamples",
+    "build_loader",
+    "sample_seed",
+]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -168,3 +175,21 @@ class ResumableTrainLoaderMixin:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
             self._pending_resume = {key: int(state_dict[key]) for key in ("seed", "epoch", "samples")}
+
+
+class EvalLoadersMixin:
+    """For a ``LightningDataModule`` with ``val_set``, ``setup`` and ``_loader(dataset, train)``: validation, test and
+    predict all read the validation split (the test splits of ImageNet, COCO and ADE20K have no public labels)."""
+
+    val_set: Any
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup("validate")  # type: ignore[attr-defined]
+        return self._loader(self.val_set, train=False)  # type: ignore[attr-defined]
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -25,7 +25,7 @@ import csv
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -34,6 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blocks.routing import BiLevelRoutingAttention, region_grid
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_common import peak_memory_bytes, sync
 
 # setting -> (n_win, default batch, stages as (H, W, C, heads, topk)); biformer_tiny's BRA stages
 SETTINGS: dict[str, tuple[int, int, list[tuple[int, int, int, int, int]]]] = {
@@ -54,38 +57,6 @@ def _fwd_bwd(model: BiLevelRoutingAttention, x: torch.Tensor, gy: torch.Tensor, 
         y = model(x)
     grads = torch.autograd.grad(y, [x, *model.parameters()], gy)
     return y, grads[0]
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak_bytes(fn: Callable[[], object], device: str) -> int:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    allocs: list[tuple[int, int]] = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation:
-            allocs.append((node.start_time_ns, node.extra_fields.alloc_size))
-        stack.extend(node.children)
-    cur = peak = 0
-    for _, size in sorted(allocs):
-        cur += size
-        peak = max(peak, cur)
-    return peak
 
 
 def _saved_bytes(model: BiLevelRoutingAttention, x: torch.Tensor, device: str, dtype: str) -> int:
@@ -136,15 +107,17 @@ def run_stage(
     warmup = max(0, args.warmup - 1)  # NOTE: the agreement check above was the first warmup iteration
     for i in range(warmup + args.repeats):
         for name, model in (("ref", ref), ("ours", ours)):
-            _sync(args.device)
+            sync(args.device)
             t0 = time.perf_counter()
             _fwd_bwd(model, x, gy, args.device, args.dtype)
-            _sync(args.device)
+            sync(args.device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     for name, model in (("ref", ref), ("ours", ours)):
         row[f"{name}_ms"] = 1e3 * statistics.median(times[name])
-        row[f"{name}_peak_mib"] = _peak_bytes(lambda m=model: _fwd_bwd(m, x, gy, args.device, args.dtype), args.device)
+        row[f"{name}_peak_mib"] = peak_memory_bytes(
+            lambda m=model: _fwd_bwd(m, x, gy, args.device, args.dtype), args.device
+        )
         row[f"{name}_peak_mib"] /= 2**20
         row[f"{name}_saved_mib"] = _saved_bytes(model, x, args.device, args.dtype) / 2**20
     row["speedup"] = row["ref_ms"] / row["ours_ms"]
