@@ -9,9 +9,10 @@ attention in stages 1-3 (``topk`` 1 / 4 / 16 of ``n_win x n_win`` regions) and g
 (``bra_full``, 8 heads), a BatchNorm2d on the last map and an average-pool -> Linear head. Parameter counts equal the
 official models; ``checkpoint_filter_fn`` loads the released checkpoints strictly.
 
-Differences from the official code: any input size works without ``auto_pad`` (the BRA pads and masks, see
-``blocks/routing.py``); ``n_win`` is a model argument for dense tasks (the official detection / segmentation configs
-use 16 / 8); drop path is the same linear schedule.
+Differences from the official code: any input size works without ``auto_pad`` (by default the BRA pads and masks,
+``bra_pad_mode="mask"``; ``bra_pad_mode="official"`` is the official ``auto_pad=True`` of the detection /
+segmentation backbones, unmasked padding to a multiple of ``n_win``, see ``blocks/routing.py``); ``n_win`` is a model
+argument for dense tasks (the official configs use 16 / 8); drop path is the same linear schedule.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor
+
+from blocks.routing import PAD_MODES
 
 from .hierarchical import HierarchicalNet, build_hierarchical
 
@@ -58,12 +61,20 @@ def _biformer_kwargs(
     mlp_ratio: float = 3.0,
     side_dwconv: int = 5,
     bra_impl: str = "fast",
+    bra_pad_mode: str = "mask",
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Translate BiFormer arguments into :class:`HierarchicalNet` arguments; a ``None`` top-k is global attention."""
+    """Translate BiFormer arguments into :class:`HierarchicalNet` arguments; a ``None`` top-k is global attention.
+
+    ``bra_impl`` / ``bra_pad_mode`` are ``impl`` / ``pad_mode`` of every BRA (``blocks.routing``);
+    ``bra_pad_mode="official"`` reproduces the official dense backbones (``auto_pad=True``).
+    """
+    if bra_pad_mode not in PAD_MODES:
+        raise ValueError(f"bra_pad_mode={bra_pad_mode!r} must be one of {PAD_MODES}")
     common = dict(mlp_ratio=mlp_ratio, side_dwconv=side_dwconv)
+    bra = dict(common, n_win=n_win, impl=bra_impl, pad_mode=bra_pad_mode)
     block = ["bra_full" if k is None else "bra" for k in topks]
-    block_kwargs = [common if k is None else dict(common, n_win=n_win, topk=k, impl=bra_impl) for k in topks]
+    block_kwargs = [common if k is None else dict(bra, topk=k) for k in topks]
     return dict(
         block=block,
         block_kwargs=block_kwargs,

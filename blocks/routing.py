@@ -15,14 +15,27 @@ What differs from the official code, on purpose:
   re-gathers in backward. When regions hold only a few tokens (see :func:`use_masked_dense`) one dense attention per
   image with a region block mask is faster and is used instead. ``impl="reference"`` selects the plain gather kernel
   of ``blocks/routing_reference.py`` (same routing, same numbers up to rounding).
-- **Any input size.** Official BRA asserts ``H % n_win == 0`` or zero-pads to a multiple of ``n_win`` without masking.
-  Here the region size is ``rh = ceil(H / n_win)`` and the number of region rows is ``ceil(H / rh) <= n_win`` (same for
-  W), so every region holds at least one real token (maps smaller than ``n_win`` get 1-token regions). The input is
-  zero-padded at the bottom/right *before* the qkv projection (padded tokens hold ``q = k = v = bias``), but those
-  values never reach a real output: padded keys are masked out of attention, region descriptors average over real
-  tokens only, LePE runs on the unpadded V and padded queries are cropped - the result equals padding after the
-  projection. ``topk`` is clamped to the number of regions; ``topk >= R`` is dense attention. For divisible sizes
-  this is exactly the official algorithm.
+- **Any input size** (``pad_mode="mask"``, the default). Official BRA asserts ``H % n_win == 0`` or, with
+  ``auto_pad=True``, zero-pads to a multiple of ``n_win`` without masking. Here the region size is
+  ``rh = ceil(H / n_win)`` and the number of region rows is ``ceil(H / rh) <= n_win`` (same for W), so every region
+  holds at least one real token (maps smaller than ``n_win`` get 1-token regions). The input is zero-padded at the
+  bottom/right *before* the qkv projection (padded tokens hold ``q = k = v = bias``), but those values never reach a
+  real output: padded keys are masked out of attention, region descriptors average over real tokens only, LePE runs
+  on the unpadded V and padded queries are cropped - the result equals padding after the projection. ``topk`` is
+  clamped to the number of regions; ``topk >= R`` is dense attention. For divisible sizes this is exactly the
+  official algorithm.
+- **The official padding** (``pad_mode="official"``), what ``auto_pad=True`` of ``ops/bra_legacy.py`` does and what
+  the official COCO / ADE20K backbones use (``n_win`` 16 / 8): an exact ``n_win x n_win`` grid of
+  ``ceil(H / n_win) x ceil(W / n_win)`` regions over the BRA input (after ``norm1``) zero-padded at the bottom/right
+  to a multiple of ``n_win``, *before* the qkv projection; nothing is masked - padded tokens (``q = k = v = bias``)
+  enter the region means, the routing and the attention as keys, LePE convolves the padded V map - and the padded
+  rows/columns are cropped at the end (official ``forward``: pad before ``qkv``, means over all tokens, LePE on the
+  padded V, crop after ``wo``). The block's ``pos_embed``, norms and MLP never see padding. Regions can be all
+  padding (a 25-row map with ``n_win=16`` is padded to 32 rows, 2 per region: 3 all-padding region rows) and real
+  tokens attend to padding, so a real output depends on how much padding its image size happens to need and on the
+  qkv bias; that is why "mask" is the default. "official" computes what the official dense backbones compute, i.e.
+  what the papers' COCO / ADE20K numbers were measured with and their dense checkpoints were trained with. The two
+  modes are identical when ``H`` and ``W`` are multiples of ``n_win``.
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ from .factory import register_block
 from .routing_reference import routed_attention_reference
 
 __all__ = [
+    "PAD_MODES",
     "AttentionLePE",
     "BiFormerBlock",
     "BiLevelRoutingAttention",
@@ -49,15 +63,21 @@ __all__ = [
 ]
 
 _IMPLS = ("fast", "reference")
+PAD_MODES = ("mask", "official")
 _SCALE_MODES = ("official", "head")
 _DENSE_TOKENS_PER_ROUTED_REGION = 16
 _HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
 @register_notrace_function
-def region_grid(height: int, width: int, n_win: int) -> tuple[int, int, int, int]:
-    """Region size and count per side ``(rh, rw, nh, nw)``: ``rh = ceil(H / n_win)``, ``nh = ceil(H / rh) <= n_win``."""
+def region_grid(height: int, width: int, n_win: int, exact: bool = False) -> tuple[int, int, int, int]:
+    """Region size and count per side ``(rh, rw, nh, nw)``: ``rh = ceil(H / n_win)``, ``nh = ceil(H / rh) <= n_win``.
+
+    ``exact=True`` is the official ``auto_pad`` grid: ``nh = nw = n_win`` regions of the same size.
+    """
     rh, rw = -(-height // n_win), -(-width // n_win)
+    if exact:
+        return rh, rw, n_win, n_win
     return rh, rw, -(-height // rh), -(-width // rw)
 
 
@@ -223,7 +243,8 @@ class BiLevelRoutingAttention(nn.Module):
 
         out = proj( Attention(q_i, k[I_i], v[I_i]) + LePE(v) )     # per query region i, multi-head
 
-    where ``LePE`` is a depthwise ``side_dwconv x side_dwconv`` conv over the whole V map.
+    where ``LePE`` is a depthwise ``side_dwconv x side_dwconv`` conv over the whole V map. Sizes that are not
+    multiples of ``n_win`` are zero-padded at the bottom/right and cropped; ``pad_mode`` says how (module docstring).
 
     Args:
         dim: channels ``C`` (also the V width).
@@ -238,6 +259,9 @@ class BiLevelRoutingAttention(nn.Module):
         side_dwconv: LePE kernel size (odd); 0 disables LePE.
         impl: ``"fast"`` (index_select + fused attention, or block-masked dense attention for tiny regions) or
             ``"reference"`` (gather over expand, explicit softmax); an attribute, switchable after construction.
+        pad_mode: ``"mask"`` (padding masked out: ``ceil(H / rh)`` region rows, keys and region means over real tokens
+            only, LePE on the unpadded V) or ``"official"`` (the official ``auto_pad``: exact ``n_win x n_win`` grid,
+            padding unmasked, LePE on the padded V); both crop the padding and agree on multiples of ``n_win``.
 
     Shapes: ``(B, H, W, C) -> (B, H, W, C)`` for any ``H, W >= 1``.
     """
@@ -254,6 +278,7 @@ class BiLevelRoutingAttention(nn.Module):
         qk_scale: float | None = None,
         side_dwconv: int = 5,
         impl: str = "fast",
+        pad_mode: str = "mask",
     ) -> None:
         super().__init__()
         num_heads = num_heads or max(1, dim // 32)
@@ -264,12 +289,15 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"n_win={n_win} and topk={topk} must be >= 1")
         if scale_mode not in _SCALE_MODES:
             raise ValueError(f"scale_mode={scale_mode!r} must be one of {_SCALE_MODES}")
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode={pad_mode!r} must be one of {PAD_MODES}")
         if side_dwconv < 0 or (side_dwconv and side_dwconv % 2 == 0):
             raise ValueError(f"side_dwconv={side_dwconv} must be 0 (no LePE) or an odd kernel size")
         self.dim, self.qk_dim, self.num_heads, self.n_win, self.topk = dim, qk_dim, num_heads, n_win, topk
         self.scale_mode = scale_mode
         self.scale = qk_scale or (qk_dim if scale_mode == "official" else qk_dim // num_heads) ** -0.5
         self.impl = impl  # validated on use so that it can be switched on a built module
+        self.pad_mode = pad_mode
 
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim, bias=qkv_bias)
         self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv else None
@@ -281,7 +309,8 @@ class BiLevelRoutingAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, H, W, _ = x.shape
-        grid = region_grid(H, W, self.n_win)
+        official = self.pad_mode == "official"
+        grid = region_grid(H, W, self.n_win, exact=official)
         rh, rw, nh, nw = grid
         Hp, Wp, R, w2 = nh * rh, nw * rw, nh * nw, rh * rw
         padded = (Hp, Wp) != (H, W)
@@ -296,9 +325,10 @@ class BiLevelRoutingAttention(nn.Module):
             q, k, v = (F.linear(x, w[s], None if b is None else b[s]) for s in self._slices)
         else:
             raise ValueError(f"impl={self.impl!r} must be one of {_IMPLS}")
-        key_valid = _key_valid(H, W, grid, x.device) if padded else None
+        # NOTE: official auto_pad masks nothing: padded tokens are keys and enter the region means
+        key_valid = _key_valid(H, W, grid, x.device) if padded and not official else None
 
-        with torch.no_grad():  # region descriptors: means over the real tokens of each region
+        with torch.no_grad():  # region descriptors: means per region (over its real tokens when masked)
             if key_valid is None:
                 q_win, k_win = q.mean(1), k.mean(1)
             else:
@@ -326,8 +356,11 @@ class BiLevelRoutingAttention(nn.Module):
 
         out = _from_regions(out, B, H, W, grid)
         if self.lepe is not None:
-            v = _from_regions(v, B, H, W, grid)
-            out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            if official:  # NOTE: LePE over the padded V map (padding holds v = bias), then cropped
+                lepe = self.lepe(_from_regions(v, B, Hp, Wp, grid).permute(0, 3, 1, 2))[:, :, :H, :W]
+            else:
+                lepe = self.lepe(_from_regions(v, B, H, W, grid).permute(0, 3, 1, 2))
+            out = out + lepe.permute(0, 2, 3, 1)
         return self.proj(out)
 
 
@@ -383,7 +416,7 @@ class BiFormerBlock(nn.Module):
         dim: channels.
         attn: ``"bra"`` (stages 1-3) or ``"full"`` (stage 4, :class:`AttentionLePE`).
         num_heads: heads; default ``dim // 32`` for BRA and 8 for full attention (as the official model).
-        n_win, topk, scale_mode, qk_scale, impl: see :class:`BiLevelRoutingAttention` (BRA only).
+        n_win, topk, scale_mode, qk_scale, impl, pad_mode: see :class:`BiLevelRoutingAttention` (BRA only).
         side_dwconv: LePE kernel size.
         mlp_ratio: MLP hidden width ratio.
         drop_path: stochastic depth rate.
@@ -404,6 +437,7 @@ class BiFormerBlock(nn.Module):
         scale_mode: str = "official",
         qk_scale: float | None = None,
         impl: str = "fast",
+        pad_mode: str = "mask",
     ) -> None:
         super().__init__()
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
@@ -418,6 +452,7 @@ class BiFormerBlock(nn.Module):
                 qk_scale=qk_scale,
                 side_dwconv=side_dwconv,
                 impl=impl,
+                pad_mode=pad_mode,
             )
         elif attn == "full":
             self.attn = AttentionLePE(dim, num_heads or 8, qk_scale=qk_scale, side_dwconv=side_dwconv)

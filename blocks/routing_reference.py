@@ -31,7 +31,8 @@ def routed_attention_reference(
         idx: routed key regions of every query region, ``(B, R, topk)`` (int64).
         scale: multiplier of the logits.
         num_heads: heads; channel ``c`` of a head-split tensor belongs to head ``c // head_dim``.
-        key_valid: ``(R, w2)`` bool, False at padding tokens (they get no attention weight); None if unpadded.
+        key_valid: ``(R, w2)`` bool, False at padding tokens (they get no attention weight); None if unpadded or
+            if padding takes part as keys (``pad_mode="official"``, the official ``auto_pad``).
 
     Returns:
         ``(B, R, w2, dim)``.

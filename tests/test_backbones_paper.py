@@ -18,6 +18,7 @@ from timm.models import _registry
 
 import backbones
 from backbones import biformer, dual_attention_vit
+from tests.support.official_names import biformer_name_to_official
 
 PARAMS = {
     "biformer_tiny": 13_142_760,
@@ -150,19 +151,7 @@ def test_safetensors_pretrained_round_trip(name: str, tmp_path: Path) -> None:
 
 def _biformer_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our BiFormer keys renamed back to the official ``models/biformer.py`` names."""
-    stem = {"conv1": "0", "norm1": "1", "conv2": "3", "norm2": "4"}
-    down = {"conv": "0", "norm": "1"}
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(r"^stem\.(\w+)\.", lambda m: f"downsample_layers.0.{stem[m[1]]}.", k)
-        k = re.sub(r"^stages\.(\d)\.downsample\.(\w+)\.", lambda m: f"downsample_layers.{m[1]}.{down[m[2]]}.", k)
-        k = re.sub(r"^stages\.(\d)\.blocks\.(\d+)\.", r"stages.\1.\2.", k)
-        k = re.sub(r"^(stages\.[0-2]\.\d+\.attn)\.qkv\.", r"\1.qkv.qkv.", k).replace(".attn.proj.", ".attn.wo.")
-        k = re.sub(r"^(stages\.3\.\d+\.attn)\.wo\.", r"\1.proj.", k)
-        k = k.replace(".mlp.fc1.", ".mlp.0.").replace(".mlp.fc2.", ".mlp.3.")
-        k = k.replace("norm_pre.", "norm.").replace("head.fc.", "head.")
-        out[k] = v
-    return out
+    return {biformer_name_to_official(k): v for k, v in sd.items()}
 
 
 def test_biformer_checkpoint_filter_loads_official_keys_strictly() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blocks import create_block, list_blocks
+from blocks import create_block, list_blocks, routing
 from blocks.routing import AttentionLePE, BiFormerBlock, BiLevelRoutingAttention, region_grid, use_masked_dense
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +43,32 @@ def _dense_bra(m: BiLevelRoutingAttention, x: torch.Tensor, scale: float) -> tor
     out = (attn @ heads(v)).transpose(1, 2).reshape(B, H, W, C)
     lepe = F.conv2d(v.permute(0, 3, 1, 2), m.lepe.weight, m.lepe.bias, padding=m.lepe.padding, groups=C)
     return F.linear(out + lepe.permute(0, 2, 3, 1), m.proj.weight, m.proj.bias)
+
+
+def _official_pair(
+    dim: int, heads: int, n_win: int, topk: int, impl: str = "fast"
+) -> tuple[BiLevelRoutingAttention, ...]:
+    torch.manual_seed(0)
+    official = BiLevelRoutingAttention(dim, heads, n_win, topk, impl=impl, pad_mode="official")
+    mask = BiLevelRoutingAttention(dim, heads, n_win, topk, impl=impl)
+    mask.load_state_dict(official.state_dict())
+    return official, mask
+
+
+def _pad_to(x: torch.Tensor, n_win: int) -> torch.Tensor:
+    """Zero-pad an NHWC map at the bottom/right to multiples of ``n_win`` (official ``auto_pad``)."""
+    return F.pad(x, (0, 0, 0, -x.shape[2] % n_win, 0, -x.shape[1] % n_win))
+
+
+class _PadCrop(torch.nn.Module):
+    """``m`` run on the explicitly zero-padded map (divisible, so nothing is padded or masked inside), cropped."""
+
+    def __init__(self, m: BiLevelRoutingAttention) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m(_pad_to(x, self.m.n_win))[:, : x.shape[1], : x.shape[2]]
 
 
 def _tokens_topk(h: int, w: int, n_win: int, topk: int) -> tuple[int, int]:
@@ -139,6 +165,74 @@ def test_region_descriptors_average_real_tokens_only(impl: str) -> None:
         torch.testing.assert_close(got[0], torch.stack(expected), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_official_padding_region_descriptors_average_padded_regions(impl: str) -> None:
+    m = BiLevelRoutingAttention(32, 2, 7, 3, impl=impl, pad_mode="official")
+    seen = {}
+    m.router.register_forward_hook(lambda mod, args, out: seen.update(args=args))
+    x = torch.randn(1, 13, 17, 32)  # zero-padded to 14 x 21: 7 x 7 regions of 2 x 3, padding included in the means
+    with torch.no_grad():
+        m(x)
+        q, k, _ = F.linear(_pad_to(x, 7), m.qkv.weight, m.qkv.bias).split(32, dim=-1)
+    for got, t in zip(seen["args"], (q, k)):
+        expected = [t[0, i : i + 2, j : j + 3].mean((0, 1)) for i in range(0, 14, 2) for j in range(0, 21, 3)]
+        torch.testing.assert_close(got[0], torch.stack(expected), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize(
+    ("h", "w", "n_win", "topk"),
+    [
+        (13, 17, 7, 3),  # both sides padded (14 x 21), routed kernel
+        (14, 17, 7, 3),  # W only
+        (13, 14, 7, 3),  # H only
+        (11, 13, 7, 16),  # masked-dense kernel (14 x 14)
+        (12, 12, 7, 4),  # unpadded in "mask" mode (6 x 6 regions of 2 x 2), 14 x 14 in "official"
+    ],
+)
+def test_official_padding_equals_bra_on_explicitly_padded_map(impl: str, h: int, w: int, n_win: int, topk: int) -> None:
+    official, plain = _official_pair(32, 2, n_win, topk, impl)
+    x, gy = torch.randn(2, h, w, 32), torch.randn(2, h, w, 32)
+    y, g = _grads(official, x, gy)
+    y_ref, g_ref = _grads(_PadCrop(plain), x, gy)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g, g_ref):  # input, then every parameter
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize(("h", "w", "n_win"), [(13, 17, 7), (29, 44, 3), (5, 3, 7)])
+def test_official_padding_with_all_regions_is_dense_attention_over_padded_map(
+    impl: str, h: int, w: int, n_win: int
+) -> None:
+    """topk = n_win**2: attention over all tokens of the zero-padded map (padded keys too), LePE on it, cropped."""
+    m, _ = _official_pair(32, 2, n_win, n_win * n_win, impl)
+    x = torch.randn(2, h, w, 32)
+    with torch.no_grad():
+        expected = _dense_bra(m, _pad_to(x, n_win), m.scale)[:, :h, :w]
+        torch.testing.assert_close(m(x), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["routed", "masked_dense", "reference"])
+def test_pad_modes_agree_on_multiples_of_n_win_and_differ_otherwise(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if path != "reference":
+        monkeypatch.setattr(routing, "use_masked_dense", lambda tokens, topk: path == "masked_dense")
+    official, mask = _official_pair(32, 2, 7, 4, "reference" if path == "reference" else "fast")
+    for h, w in [(14, 21), (7, 7)]:
+        x, gy = torch.randn(2, h, w, 32), torch.randn(2, h, w, 32)
+        (y_o, g_o), (y_m, g_m) = _grads(official, x, gy), _grads(mask, x, gy)
+        assert torch.equal(y_o, y_m) and all(torch.equal(a, b) for a, b in zip(g_o, g_m))
+    for h, w in [(13, 21), (14, 20), (12, 12)]:
+        x = torch.randn(2, h, w, 32)
+        with torch.no_grad():
+            assert (official(x) - mask(x)).abs().max() > 1e-2, (h, w)
+
+
+def test_block_passes_pad_mode() -> None:
+    assert create_block("bra", 32, n_win=7, topk=4, pad_mode="official").attn.pad_mode == "official"
+    assert create_block("bra", 32).attn.pad_mode == "mask"
+
+
 @pytest.mark.parametrize(("h", "w", "topk"), [(28, 28, 4), (14, 14, 16), (27, 30, 3)])
 def test_fast_equals_reference_bf16_autocast(h: int, w: int, topk: int) -> None:
     fast, ref = _pair(64, 2, 7, topk)
@@ -202,8 +296,9 @@ def test_checkpoint_and_channels_last_match_eager() -> None:
     torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_no_graph_breaks_under_dynamo() -> None:
-    m = BiLevelRoutingAttention(32, 2, 7, 4)
+@pytest.mark.parametrize("pad_mode", ["mask", "official"])
+def test_no_graph_breaks_under_dynamo(pad_mode: str) -> None:
+    m = BiLevelRoutingAttention(32, 2, 7, 4, pad_mode=pad_mode)
     for size in [(28, 28), (27, 30)]:
         explanation = torch._dynamo.explain(m)(torch.randn(1, *size, 32))
         assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -232,6 +327,8 @@ def test_bad_arguments_raise_value_error() -> None:
         BiLevelRoutingAttention(64, topk=0)
     with pytest.raises(ValueError, match="attn"):
         BiFormerBlock(64, attn="bogus")
+    with pytest.raises(ValueError, match="pad_mode='auto' must be one of"):
+        BiFormerBlock(64, pad_mode="auto")
     m = BiLevelRoutingAttention(64, impl="bogus")
     with pytest.raises(ValueError, match="impl"):
         m(torch.randn(1, 7, 7, 64))
