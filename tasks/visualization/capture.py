@@ -72,7 +72,9 @@ class RoutingRecord:
     arXiv 2303.08810): region geometry, top-k region ids and the region-major q, k, v.
 
     Token attention of query ``t`` in region ``i``: ``softmax_j(scale * q_t . k_j)`` over the tokens ``j`` of the
-    regions ``idx[i]`` (padding tokens excluded), per head.
+    regions ``idx[i]`` (padding tokens excluded when ``key_valid`` marks them, the default ``pad_mode="mask"``; under
+    ``pad_mode="official"`` padded tokens are keys too, so the weights shown over the cropped map can sum to less than
+    1), per head.
 
     Regions are numbered row-major over the ``nh x nw`` region grid of the ``size = (H, W)`` token map; region ``r``
     covers token rows ``[(r // nw) * rh, ...)`` and columns ``[(r % nw) * rw, ...)`` (cropped to the map).
