@@ -27,7 +27,19 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .decode import DecodeError, SkipCounter, check_skipped_fraction, decode_or_replace, decode_rgb
+from .decode import (
+    DecodeError,
+    ExcludedSample,
+    ExcludedSamples,
+    SkipCounter,
+    check_eval_undecodable,
+    check_skipped_fraction,
+    check_undecodable_policy,
+    decode_or_exclude,
+    decode_or_replace,
+    decode_rgb,
+    split_excluded,
+)
 from .errors import ConfigError, DataError
 from .loaders import EvalLoadersMixin, ResumableTrainLoaderMixin, build_loader
 from .segmentation_transforms import IGNORE_INDEX, CatMaxRatioCrop, PhotoMetricDistortion, build_segmentation_transform
@@ -39,6 +51,7 @@ __all__ = [
     "PhotoMetricDistortion",
     "build_segmentation_transform",
     "collate_segmentation_eval",
+    "collate_segmentation_excluding",
     "read_ade_class_names",
     "reduce_zero_label",
 ]
@@ -86,6 +99,17 @@ def collate_segmentation_eval(
     return torch.stack(images), torch.stack(masks) if same else list(masks), list(metas)
 
 
+def collate_segmentation_excluding(
+    batch: Sequence[tuple[Tensor, Tensor, dict[str, Any]] | ExcludedSample],
+) -> tuple[Tensor, Tensor | list[Tensor], list[dict[str, Any]], ExcludedSamples]:
+    """The evaluation batches under ``eval_undecodable="exclude"``: ``collate_segmentation_eval`` of the decoded
+    samples (``B`` is 0 when none decoded) and the excluded ones (key: the name) as a fourth element."""
+    kept, excluded = split_excluded(batch)
+    if not kept:
+        return torch.empty(0), [], [], excluded
+    return *collate_segmentation_eval(kept), excluded
+
+
 class ADE20KDataset(Dataset):
     """One split of an ADE20K-layout dataset (Zhou et al., "Scene Parsing through ADE20K Dataset", CVPR 2017).
 
@@ -93,8 +117,9 @@ class ADE20KDataset(Dataset):
     ``DataError`` naming the file: an image without its annotation, an annotation that is not a single-channel PNG,
     of another size than its image, or (with ``num_classes``) holding a value above the classes (``num_classes`` with
     ``reduce_zero_label``, else ``num_classes - 1``; 255 is always the ignore value). Annotations without an image
-    are counted (``counts``) and left out. An image that fails to decode during training is counted in
-    ``skip_counter`` and replaced (``decode_or_replace``). Labels are reduced (``reduce_zero_label``) before any
+    are counted (``counts``) and left out. An image that fails to decode is handled by ``undecodable``
+    (``datamodules/decode.py``): counted in ``skip_counter`` and replaced in training, a one-line ``DataError`` or an
+    ``ExcludedSample`` keyed by its name in evaluation. Labels are reduced (``reduce_zero_label``) before any
     transform, so padding and "other" share the ignore value 255.
 
     Train items: ``(image (3, S, S) float32, mask (S, S) int64)``. Eval items: ``(image (3, H, W) float32, mask
@@ -108,6 +133,7 @@ class ADE20KDataset(Dataset):
         train: transform image and mask together (else the image only, and return a meta).
         reduce_zero_label: map 0 to 255 and ``v`` to ``v - 1``.
         num_classes: check that no annotation holds a value above the classes (None: no value check).
+        undecodable: ``"replace"`` (training), ``"error"`` or ``"exclude"`` (evaluation, never substituted).
     """
 
     def __init__(
@@ -119,6 +145,7 @@ class ADE20KDataset(Dataset):
         train: bool,
         reduce_zero_label: bool = True,
         num_classes: int | None = None,
+        undecodable: str = "replace",
     ) -> None:
         self.image_dir = Path(image_dir)
         self.annotation_dir = Path(annotation_dir)
@@ -149,7 +176,8 @@ class ADE20KDataset(Dataset):
             )
         max_label = None if num_classes is None else (num_classes if reduce_zero_label else num_classes - 1)
         self._check_annotations(max_label)
-        self.skip_counter = SkipCounter()
+        self.undecodable = check_undecodable_policy(undecodable)
+        self.skip_counter = SkipCounter() if undecodable == "replace" else None
 
     def _check_annotations(self, max_label: int | None) -> None:
         """Read every annotation (threads: PNG decoding releases the GIL) and each image's header; raise on the first
@@ -161,7 +189,7 @@ class ADE20KDataset(Dataset):
                 with Image.open(image_path) as image:
                     image_size = image.size
             except (OSError, SyntaxError, ValueError):
-                image_size = None  # NOTE: an undecodable image is a per-sample skip, found when it is loaded
+                image_size = None  # NOTE: an undecodable image is found when it is loaded (``undecodable``)
             try:
                 with Image.open(label_path) as f:
                     mode, label = f.mode, np.asarray(f)
@@ -218,9 +246,11 @@ class ADE20KDataset(Dataset):
         label = label.astype(np.uint8)
         return image, reduce_zero_label(label) if self.reduce_zero_label else label
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Any]]:
-        """The sample at ``index``; an image that fails to decode is counted and replaced (``decode_or_replace``)."""
-        return decode_or_replace(self._sample, index, len(self.samples), self.skip_counter)
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Any]] | ExcludedSample:
+        """The sample at ``index``; an image that fails to decode is handled by the ``undecodable`` policy."""
+        if self.skip_counter is not None:
+            return decode_or_replace(self._sample, index, len(self.samples), self.skip_counter)
+        return decode_or_exclude(self._sample, index, self.samples[index][0].stem, self.undecodable)
 
     def _sample(self, index: int) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Any]]:
         image, label = self._load(index)
@@ -280,9 +310,10 @@ class ADE20KDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningD
     Zhou et al., "Scene Parsing through ADE20K Dataset" (CVPR 2017) / "Semantic Understanding of Scenes through the
     ADE20K Dataset" (arXiv 1608.05442). Train batches: ``(images (B, 3, S, S) float32 normalised, masks (B, S, S)
     int64)`` with labels ``0..K-1`` and ``ignore_index`` 255; eval batches: ``(images, masks at the original size,
-    metas)`` (see ``ADE20KDataset`` and ``collate_segmentation_eval``). ``num_classes`` and ``class_names`` are set in
-    the constructor, so the CLI can link them into the model. Class names come from ``class_names_file``, else
-    ``root/class_names.txt``, else ``root/objectInfo150.csv``, else ``class_{i}``.
+    metas)`` (see ``ADE20KDataset`` and ``collate_segmentation_eval``; under ``eval_undecodable="exclude"`` they end
+    with their ``ExcludedSamples``). ``num_classes`` and ``class_names`` are set in the constructor, so the CLI can
+    link them into the model. Class names come from ``class_names_file``, else ``root/class_names.txt``, else
+    ``root/objectInfo150.csv``, else ``class_{i}``.
 
     Args:
         root: dataset folder.
@@ -303,8 +334,12 @@ class ADE20KDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningD
         num_workers: loader worker processes per device.
         pin_memory: pin host memory for faster host-to-device copies.
         persistent_workers: keep workers alive between epochs.
-        max_skipped_fraction: stop the run when more than this fraction of the samples fails to decode (each
-            failure is logged, replaced and counted as ``skipped_samples`` in ``summary.json``).
+        max_skipped_fraction: stop the run when more than this fraction of the training samples fails to decode
+            (each failure is logged, replaced and counted as ``skipped_samples`` in ``summary.json``). Evaluation
+            images are never replaced.
+        eval_undecodable: what an undecodable val/test/predict image does: ``"error"`` stops the run naming the file;
+            ``"exclude"`` leaves it out of the metric (no confusion-matrix update) and of the predictions, counted
+            as ``val/excluded_images`` and ``excluded_eval_images`` in ``summary.json``.
     """
 
     ignore_index = IGNORE_INDEX
@@ -330,10 +365,12 @@ class ADE20KDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningD
         pin_memory: bool = True,
         persistent_workers: bool = True,
         max_skipped_fraction: float = 0.001,
+        eval_undecodable: str = "error",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.max_skipped_fraction = check_skipped_fraction(max_skipped_fraction)
+        check_eval_undecodable(eval_undecodable)
         _check_args(
             num_classes,
             crop_size,
@@ -399,6 +436,7 @@ class ADE20KDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningD
             train=train,
             reduce_zero_label=hp.reduce_zero_label,
             num_classes=self.num_classes,
+            undecodable="replace" if train else hp.eval_undecodable,
         )
         c = dataset.counts
         if rank_zero_only.rank == 0:
@@ -419,9 +457,8 @@ class ADE20KDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningD
         options = dict(num_workers=hp.num_workers, pin_memory=hp.pin_memory, persistent_workers=hp.persistent_workers)
         if train:
             return self.train_loader(dataset, batch_size=hp.batch_size, **options)
-        return build_loader(
-            dataset, train=False, batch_size=hp.eval_batch_size, collate_fn=collate_segmentation_eval, **options
-        )
+        collate = collate_segmentation_excluding if hp.eval_undecodable == "exclude" else collate_segmentation_eval
+        return build_loader(dataset, train=False, batch_size=hp.eval_batch_size, collate_fn=collate, **options)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

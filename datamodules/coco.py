@@ -28,7 +28,18 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .decode import SkipCounter, check_skipped_fraction, decode_or_replace, decode_rgb
+from .decode import (
+    ExcludedSample,
+    ExcludedSamples,
+    SkipCounter,
+    check_eval_undecodable,
+    check_skipped_fraction,
+    check_undecodable_policy,
+    decode_or_exclude,
+    decode_or_replace,
+    decode_rgb,
+    split_excluded,
+)
 from .errors import ConfigError, DataError
 from .loaders import EvalLoadersMixin, ResumableTrainLoaderMixin, build_loader
 from .transforms import build_detection_transform
@@ -37,6 +48,7 @@ __all__ = [
     "COCODataModule",
     "COCODetectionDataset",
     "collate_detection",
+    "collate_detection_excluding",
     "load_coco_json",
 ]
 
@@ -74,6 +86,15 @@ def collate_detection(batch: Sequence[Sample]) -> tuple[list[Tensor], list[dict[
     return [image for image, _ in batch], [target for _, target in batch]
 
 
+def collate_detection_excluding(
+    batch: Sequence[Sample | ExcludedSample],
+) -> tuple[list[Tensor], list[dict[str, Any]], ExcludedSamples]:
+    """The evaluation batches under ``eval_undecodable="exclude"``: ``collate_detection`` of the decoded samples and
+    the excluded ones (key: the image id) as a third element."""
+    kept, excluded = split_excluded(batch)
+    return *collate_detection(kept), excluded
+
+
 @dataclass(frozen=True)
 class _ImageRecord:
     image_id: int
@@ -101,7 +122,9 @@ class COCODetectionDataset(Dataset):
     Category ids (not contiguous) map to labels ``1..K`` in sorted-id order; crowd annotations (``iscrowd=1``) are
     left out; boxes ``[x, y, w, h]`` become ``xyxy``, are clipped to the image, and dropped (with their masks) when
     ``w`` or ``h < min_box_size``. Images left without instances are skipped when ``skip_empty``. Every drop is counted
-    (``counts``). Masks decode from polygons and from compressed or uncompressed RLE through pycocotools.
+    (``counts``). Masks decode from polygons and from compressed or uncompressed RLE through pycocotools. An image
+    that fails to decode is handled by ``undecodable`` (``datamodules/decode.py``): replaced by the next one in
+    training, a one-line ``DataError`` or an ``ExcludedSample`` keyed by its image id in evaluation.
 
     Returns ``(image, target)``: image float32 ``(3, H, W)`` in [0, 1]; target ``boxes`` float32 ``(N, 4)``,
     ``labels`` int64 ``(N,)``, ``masks`` uint8 ``(N, H, W)`` when ``with_masks``, ``image_id``, ``orig_size``
@@ -116,6 +139,7 @@ class COCODetectionDataset(Dataset):
         min_box_size: smallest kept box side in pixels after clipping.
         category_ids: the label order to use (default: this file's sorted ids); the file must list the same ids.
         annotations: the already parsed JSON of ``annotation_file``, to avoid reading it twice.
+        undecodable: ``"replace"`` (training), ``"error"`` or ``"exclude"`` (evaluation, never substituted).
     """
 
     def __init__(
@@ -129,6 +153,7 @@ class COCODetectionDataset(Dataset):
         min_box_size: float = 1.0,
         category_ids: Sequence[int] | None = None,
         annotations: dict[str, Any] | None = None,
+        undecodable: str = "replace",
     ) -> None:
         self.annotation_file = Path(annotation_file)
         self.image_dir = Path(image_dir)
@@ -169,7 +194,8 @@ class COCODetectionDataset(Dataset):
             self.empty_images_skipped = self.empty_images
             records = [r for r in records if r.ann_ids]
         self.records = records
-        self.skip_counter = SkipCounter()
+        self.undecodable = check_undecodable_policy(undecodable)
+        self.skip_counter = SkipCounter() if undecodable == "replace" else None
 
     def _record(self, image: dict[str, Any]) -> _ImageRecord:
         height, width = int(image["height"]), int(image["width"])
@@ -237,9 +263,11 @@ class COCODetectionDataset(Dataset):
             )
         return image
 
-    def __getitem__(self, index: int) -> Sample:
-        """The sample at ``index``; an image that fails to decode is counted and replaced (``decode_or_replace``)."""
-        return decode_or_replace(self._sample, index, len(self.records), self.skip_counter)
+    def __getitem__(self, index: int) -> Sample | ExcludedSample:
+        """The sample at ``index``; an image that fails to decode is handled by the ``undecodable`` policy."""
+        if self.skip_counter is not None:
+            return decode_or_replace(self._sample, index, len(self.records), self.skip_counter)
+        return decode_or_exclude(self._sample, index, self.records[index].image_id, self.undecodable)
 
     def _sample(self, index: int) -> Sample:
         record = self.records[index]
@@ -323,9 +351,10 @@ class COCODataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningDat
     """COCO 2017 (or any dataset in its layout) for object detection and instance segmentation.
 
     Lin et al., "Microsoft COCO: Common Objects in Context" (arXiv 1405.0312). Batches are
-    ``(list[image (3, H_i, W_i) float32 in [0, 1]], list[target])`` (see ``COCODetectionDataset``); label ``l`` in
-    ``1..K`` is category id ``category_ids[l - 1]``. ``num_classes`` is known right after construction (from the val
-    annotation file), so the CLI can link it into the model.
+    ``(list[image (3, H_i, W_i) float32 in [0, 1]], list[target])`` (see ``COCODetectionDataset``; evaluation
+    batches under ``eval_undecodable="exclude"`` end with their ``ExcludedSamples``, ``collate_detection_excluding``);
+    label ``l`` in ``1..K`` is category id ``category_ids[l - 1]``. ``num_classes`` is known right after construction
+    (from the val annotation file), so the CLI can link it into the model.
 
     Args:
         root: dataset folder.
@@ -346,8 +375,13 @@ class COCODataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningDat
         num_workers: loader worker processes per device.
         pin_memory: pin host memory for faster host-to-device copies.
         persistent_workers: keep workers alive between epochs.
-        max_skipped_fraction: stop the run when more than this fraction of the samples fails to decode (each
-            failure is logged, replaced and counted as ``skipped_samples`` in ``summary.json``).
+        max_skipped_fraction: stop the run when more than this fraction of the training samples fails to decode
+            (each failure is logged, replaced and counted as ``skipped_samples`` in ``summary.json``). Evaluation
+            images are never replaced.
+        eval_undecodable: what an undecodable val/test/predict image does: ``"error"`` stops the run naming the file;
+            ``"exclude"`` leaves it out of the benchmark (its id leaves COCOeval's ``imgIds``, its ground truth with
+            it, and it gets no result records), counted as ``val/excluded_images`` and ``excluded_eval_images`` in
+            ``summary.json``.
     """
 
     def __init__(
@@ -370,10 +404,12 @@ class COCODataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningDat
         pin_memory: bool = True,
         persistent_workers: bool = True,
         max_skipped_fraction: float = 0.001,
+        eval_undecodable: str = "error",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.max_skipped_fraction = check_skipped_fraction(max_skipped_fraction)
+        check_eval_undecodable(eval_undecodable)
         _check_args(img_scale, multi_scale, large_scale_jitter, hflip, min_box_size, batch_size, eval_batch_size)
         self.root = Path(root)
         if not self.root.is_dir():
@@ -472,6 +508,7 @@ class COCODataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningDat
                 min_box_size=hp.min_box_size,
                 category_ids=self.category_ids,
                 annotations=self._val_json,
+                undecodable=hp.eval_undecodable,
             )
             self._val_json = None
             self._log_counts("val", self.val_set)
@@ -498,6 +535,8 @@ class COCODataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningDat
         if train:
             # NOTE: detection keeps the ragged last batch, as mmdetection and torchvision's references do
             return self.train_loader(dataset, batch_size=hp.batch_size, drop_last=False, **options)
+        if hp.eval_undecodable == "exclude":
+            options["collate_fn"] = collate_detection_excluding
         return build_loader(dataset, train=False, batch_size=hp.eval_batch_size or hp.batch_size, **options)
 
     def train_dataloader(self) -> DataLoader:

@@ -11,8 +11,16 @@ file's content (never its extension) and converts every mode explicitly:
 - ``I;16*``/``I`` (16-bit): scaled ``v * 255 / 65535`` (rounded), never clipped at 255; ``F``: [0, 1] floats scaled by
   255, other ranges clipped to [0, 255].
 
-A file that cannot be decoded raises ``DecodeError``; datasets catch it, count it in a ``SkipCounter`` and return
-another sample in its place (``decode_or_replace``), so a bad file costs one sample, never the run.
+A file that cannot be decoded raises ``DecodeError``. What a dataset does with it depends on what the samples are
+for (its ``undecodable`` policy):
+
+- training (``"replace"``): count it in a ``SkipCounter`` and return another sample in its place
+  (``decode_or_replace``), so a bad file costs one sample, never the run;
+- evaluation, never substituted (a datamodule's ``eval_undecodable``): ``"error"`` stops the run with a one-line
+  ``DataError`` naming the file; ``"exclude"`` returns an ``ExcludedSample`` that the datamodules' excluding collate
+  functions drop from the batch and append as its last element, ``ExcludedSamples`` (``split_excluded``), so the
+  metric is computed exactly as if the image were not in the dataset and the tasks count what was left out
+  (``tasks/training_health.py``).
 """
 
 from __future__ import annotations
@@ -20,9 +28,9 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -31,7 +39,22 @@ from torch.utils.data import get_worker_info
 
 from .errors import ConfigError, DataError
 
-__all__ = ["DecodeError", "SkipCounter", "check_skipped_fraction", "decode_or_replace", "decode_rgb", "to_rgb"]
+__all__ = [
+    "EVAL_UNDECODABLE",
+    "DecodeError",
+    "ExcludedSample",
+    "ExcludedSamples",
+    "SkipCounter",
+    "check_eval_undecodable",
+    "check_skipped_fraction",
+    "check_undecodable_policy",
+    "decode_or_exclude",
+    "decode_or_replace",
+    "decode_rgb",
+    "excluded_samples",
+    "split_excluded",
+    "to_rgb",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +64,8 @@ T = TypeVar("T")
 _COUNTER_ROWS = 257
 _REPLACEMENT_TRIES = 16
 _SRGB = ImageCms.createProfile("sRGB")
+
+EVAL_UNDECODABLE = ("error", "exclude")
 
 
 class DecodeError(Exception):
@@ -136,8 +161,9 @@ def decode_or_replace(load: Callable[[int], T], index: int, length: int, counter
     The failure is logged (file and cause) and counted once in ``counter``; replacements are tried in index order
     (``index + 1, index + 2, ...`` modulo ``length``), so the substitute does not depend on the worker or the random
     state and a resumed run replays it. The substitute keeps its own label: a skipped file never lends its label to
-    another image. Training batches keep their size (mixup needs an even batch, DDP ranks the same step count); an
-    evaluation set scores the substitute twice, an error bounded by the datamodule's ``max_skipped_fraction``.
+    another image. Training batches keep their size (mixup needs an even batch, DDP ranks the same step count, the
+    resumable loader counts samples by batches). For training only: an evaluation set never substitutes
+    (``decode_or_exclude``).
 
     Raises:
         DataError: when ``_REPLACEMENT_TRIES`` consecutive samples fail, which is a broken dataset, not a bad file.
@@ -169,3 +195,70 @@ def check_skipped_fraction(value: float) -> float:
             f"data.max_skipped_fraction {value} is a fraction of the samples: use a value in [0, 1] (e.g. 0.001)"
         )
     return float(value)
+
+
+def check_eval_undecodable(value: str) -> str:
+    """Validate a datamodule's ``eval_undecodable`` (``"error"`` or ``"exclude"``)."""
+    if value not in EVAL_UNDECODABLE:
+        raise ConfigError(
+            f"data.eval_undecodable {value!r} is not a policy: use 'error' (stop at an undecodable val/test image) or "
+            "'exclude' (leave such images out of the metric, counted as excluded_images)"
+        )
+    return value
+
+
+class ExcludedSample(NamedTuple):
+    """An evaluation sample left out because its image does not decode (``eval_undecodable="exclude"``).
+
+    The dataset returns it in the sample's place; the evaluation collate functions drop it from the batch and keep it
+    in the batch's ``ExcludedSamples``. ``index`` is the position in the dataset, ``key`` what the benchmark calls the
+    image (COCO image id, ADE20K name, else the index), ``reason`` the decode error naming the file.
+    """
+
+    index: int
+    key: int | str
+    reason: str
+
+
+class ExcludedSamples(list):
+    """The ``ExcludedSample`` entries of one evaluation batch, its last element under ``eval_undecodable="exclude"``.
+
+    Under ``"error"`` (the default) evaluation batches keep their usual shape. A list type of its own, so that tasks
+    find it by type (``excluded_samples``); Lightning's device transfer and the loader's memory pinning rebuild a
+    list subclass as the same type.
+    """
+
+
+def split_excluded(samples: Sequence[T | ExcludedSample]) -> tuple[list[T], ExcludedSamples]:
+    """The decoded samples of a batch, in order, and the excluded ones (for the evaluation collate functions)."""
+    kept = [sample for sample in samples if not isinstance(sample, ExcludedSample)]
+    return kept, ExcludedSamples(sample for sample in samples if isinstance(sample, ExcludedSample))
+
+
+def excluded_samples(batch: Any) -> ExcludedSamples:
+    """The samples an evaluation batch left out (none for a batch without an ``ExcludedSamples`` element)."""
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[-1], ExcludedSamples):
+        return batch[-1]
+    return ExcludedSamples()
+
+
+def decode_or_exclude(load: Callable[[int], T], index: int, key: int | str, policy: str) -> T | ExcludedSample:
+    """``load(index)`` for evaluation, never substituted: when its file fails to decode, a one-line ``DataError``
+    naming the file (``policy="error"``) or, logged, an ``ExcludedSample`` in its place (``policy="exclude"``)."""
+    try:
+        return load(index)
+    except DecodeError as error:
+        if policy != "exclude":
+            raise DataError(
+                f"cannot decode evaluation image {error}: fix or remove the file, or set "
+                "--data.init_args.eval_undecodable exclude to leave undecodable images out of the metric (counted)"
+            ) from None
+        logger.warning(f"excluded evaluation sample {index} from the metric: cannot decode {error}")
+        return ExcludedSample(index=index, key=key, reason=str(error))
+
+
+def check_undecodable_policy(policy: str) -> str:
+    """Validate a dataset's ``undecodable`` policy: ``"replace"`` (training) or one of ``EVAL_UNDECODABLE``."""
+    if policy != "replace" and policy not in EVAL_UNDECODABLE:
+        raise ConfigError(f"undecodable policy {policy!r}: use 'replace' (training), 'error' or 'exclude' (evaluation)")
+    return policy

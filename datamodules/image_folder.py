@@ -11,12 +11,23 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from .decode import DecodeError, SkipCounter, decode_or_replace, decode_rgb
+from .decode import (
+    DecodeError,
+    ExcludedSample,
+    ExcludedSamples,
+    SkipCounter,
+    check_undecodable_policy,
+    decode_or_exclude,
+    decode_or_replace,
+    decode_rgb,
+    split_excluded,
+)
 from .errors import DataError
 
 __all__ = [
     "IMG_EXTENSIONS",
     "ImageFolderDataset",
+    "collate_classification_excluding",
     "decode_rgb",
     "find_classes",
     "read_class_names",
@@ -77,14 +88,22 @@ def read_class_names(path: Path, classes: Sequence[str]) -> list[str]:
 class ImageFolderDataset(Dataset):
     """(path, label) samples decoded to RGB (``datamodules.decode``) and passed through an albumentations transform.
 
-    Returns ``(image CHW float tensor, label)``. A file that fails to decode (or vanished since the scan) is logged,
-    counted in ``skip_counter`` and replaced by the next decodable sample with that sample's own label.
+    Returns ``(image CHW float tensor, label)``. A file that fails to decode (or vanished since the scan) is handled
+    by ``undecodable``: ``"replace"`` (training) logs it, counts it in ``skip_counter`` and returns the next decodable
+    sample with that sample's own label; ``"error"`` raises a one-line ``DataError`` naming the file; ``"exclude"``
+    returns an ``ExcludedSample`` (key: the index) that ``collate_classification_excluding`` drops from the batch.
+
+    Args:
+        samples: (path, class index) pairs.
+        transform: an albumentations pipeline returning a tensor ``image``.
+        undecodable: ``"replace"`` (training), ``"error"`` or ``"exclude"`` (evaluation, never substituted).
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, undecodable: str = "replace") -> None:
         self.samples = list(samples)
         self.transform = transform
-        self.skip_counter = SkipCounter()
+        self.undecodable = check_undecodable_policy(undecodable)
+        self.skip_counter = SkipCounter() if undecodable == "replace" else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -97,13 +116,27 @@ class ImageFolderDataset(Dataset):
             raise DecodeError(f"{path}: the file disappeared after the dataset was scanned") from None
         return self.transform(image=image)["image"], label
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return decode_or_replace(self._load, index, len(self.samples), self.skip_counter)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | ExcludedSample:
+        if self.skip_counter is not None:
+            return decode_or_replace(self._load, index, len(self.samples), self.skip_counter)
+        return decode_or_exclude(self._load, index, index, self.undecodable)
 
     def reseed(self, seed: int) -> None:
         """Reseed the transform's random generators (albumentations keeps its own, which forked workers share)."""
         if hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(seed)
+
+
+def collate_classification_excluding(
+    samples: Sequence[tuple[torch.Tensor, int] | ExcludedSample],
+) -> tuple[torch.Tensor, torch.Tensor, ExcludedSamples]:
+    """The evaluation batches under ``eval_undecodable="exclude"``: ``(images (B, 3, H, W), labels (B,), excluded)``
+    of the decoded samples (``B`` is 0 when none decoded) and the excluded ones."""
+    kept, excluded = split_excluded(samples)
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), excluded
+    images, labels = zip(*kept, strict=True)
+    return torch.stack(images), torch.as_tensor(labels, dtype=torch.int64), excluded
 
 
 def seed_worker(worker_id: int) -> None:

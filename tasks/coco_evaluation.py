@@ -5,6 +5,8 @@ training loop needs around it: turning torchvision predictions into COCO result 
 ``xywh`` boxes in the original image, RLE masks), gathering them from every DDP rank, and reading the 12 standard
 numbers. Evaluating against the annotation file (rather than against the targets the datamodule produced) keeps
 crowd regions, original areas (small/medium/large) and images the datamodule skipped exactly as COCO defines them.
+COCOeval's ``imgIds`` are the images evaluated: an image left out because it does not decode
+(``data.eval_undecodable: exclude``) is not among them, so its ground truth leaves the benchmark with it.
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ def detections_to_coco(
 ) -> list[dict]:
     """COCO result records of one image's torchvision detections (boxes ``xyxy`` in original image pixels).
 
-    ``labels`` are contiguous ``1..K``; ``category_ids[label - 1]`` is the file's id. ``masks`` (N, 1, H, W)
-    probabilities, if present, are thresholded and RLE-encoded.
+    ``labels`` are contiguous ``1..K``; ``category_ids[label - 1]`` is the file's id (any other label is a bug in the
+    detector and raises ``ValueError``: Python's ``category_ids[-1]`` would silently score it as the last category).
+    ``masks`` (N, 1, H, W) probabilities, if present, are thresholded and RLE-encoded.
     """
     boxes = detection["boxes"].detach().float().cpu()
     scores = detection["scores"].detach().float().cpu().tolist()
     labels = detection["labels"].detach().cpu().tolist()
+    bad = [label for label in labels if not 1 <= label <= len(category_ids)]
+    if bad:
+        raise ValueError(f"detection label {bad[0]} is outside 1..{len(category_ids)} (0 is the background)")
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     records = [
         {"image_id": int(image_id), "category_id": int(category_ids[label - 1]), "bbox": box, "score": score}
@@ -56,6 +62,9 @@ def detections_to_coco(
 class CocoEvaluator:
     """Accumulate COCO result records, gather them over DDP ranks, score them with ``COCOeval``.
 
+    ``COCOeval.params.imgIds`` are the ids of the evaluated images less the excluded ones (``evaluated_ids``): the
+    metric is the one of the annotation file with the excluded images and their annotations removed.
+
     Args:
         annotation_file: the ground-truth COCO JSON (e.g. ``annotations/instances_val2017.json``).
         iou_types: ``("bbox",)`` or ``("bbox", "segm")``.
@@ -67,6 +76,7 @@ class CocoEvaluator:
         self._coco: COCO | None = None
         self.records: list[dict] = []
         self.image_ids: set[int] = set()
+        self.excluded_ids: set[int] = set()
 
     @property
     def coco(self) -> COCO:
@@ -76,21 +86,29 @@ class CocoEvaluator:
         return self._coco
 
     def reset(self) -> None:
-        self.records, self.image_ids = [], set()
+        self.records, self.image_ids, self.excluded_ids = [], set(), set()
 
-    def update(self, records: list[dict], image_ids: Sequence[int]) -> None:
-        """Add one batch: its result records and the ids of all its images (also those without detections)."""
+    def update(self, records: list[dict], image_ids: Sequence[int], excluded_ids: Sequence[int] = ()) -> None:
+        """Add one batch: its result records, the ids of all its evaluated images (also those without detections) and
+        of the images it left out because they do not decode."""
         self.records.extend(records)
         self.image_ids.update(int(i) for i in image_ids)
+        self.excluded_ids.update(int(i) for i in excluded_ids)
+
+    @property
+    def evaluated_ids(self) -> list[int]:
+        """COCOeval's ``imgIds``: the evaluated images, never an excluded one."""
+        return sorted(self.image_ids - self.excluded_ids)
 
     def gather(self) -> None:
-        """Merge every rank's records and image ids into every rank (no-op without torch.distributed)."""
+        """Merge every rank's records, image ids and excluded ids into every rank (no-op without torch.distributed)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (self.records, sorted(self.image_ids)))
-        self.records = [r for records, _ in parts for r in records]
-        self.image_ids = {i for _, ids in parts for i in ids}
+        dist.all_gather_object(parts, (self.records, sorted(self.image_ids), sorted(self.excluded_ids)))
+        self.records = [r for records, _, _ in parts for r in records]
+        self.image_ids = {i for _, ids, _ in parts for i in ids}
+        self.excluded_ids = {i for _, _, ids in parts for i in ids}
 
     def compute(self) -> dict[str, float]:
         """``{f"{iou_type}_{stat}": value}`` over the evaluated images (12 stats per IoU type; -1 where undefined)."""
@@ -101,13 +119,14 @@ class CocoEvaluator:
         return out
 
     def _evaluate(self, iou_type: str) -> np.ndarray:
+        image_ids = self.evaluated_ids
         records = [r for r in self.records if iou_type == "bbox" or "segmentation" in r]
-        if not records or not self.image_ids:
+        if not records or not image_ids:
             return np.zeros(len(STAT_NAMES))  # NOTE: loadRes rejects an empty list; no detection scores 0
         with contextlib.redirect_stdout(io.StringIO()):
             predictions = self.coco.loadRes(_strip_bbox_for_segm(records) if iou_type == "segm" else records)
             evaluator = COCOeval(self.coco, predictions, iouType=iou_type)
-            evaluator.params.imgIds = sorted(self.image_ids)
+            evaluator.params.imgIds = image_ids
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()

@@ -1,6 +1,7 @@
 """Writes ``predict`` results into the run directory: ``predictions.csv`` (classification), ``predictions_coco.json``
 (detection, COCO results format), ``predictions/<name>.png`` (segmentation label maps); detection and segmentation
-also draw their first ``max_overlays`` images (per process) to ``predictions/overlays/`` beside the ground truth."""
+also draw their first ``max_overlays`` images (per process) to ``predictions/overlays/`` beside the ground truth. An
+image excluded because it does not decode (``data.eval_undecodable: exclude``) gets no prediction."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from datamodules.decode import excluded_samples
+
 from .coco_evaluation import CocoEvaluator
 from .visualization.overlays import render_detection, render_segmentation, to_uint8_image
 
@@ -25,6 +28,9 @@ __all__ = ["ClassificationPredictionWriter", "CocoPredictionWriter", "Segmentati
 
 class ClassificationPredictionWriter(BasePredictionWriter):
     """One CSV row per image: its path (when the dataset has ``samples``), label, and the top-5 classes with scores.
+
+    An image excluded because it does not decode (``data.eval_undecodable: exclude``) gets no row: the batch's rows
+    are its sampler indices less the batch's ``ExcludedSamples``.
 
     Each process writes its own ``predictions.rank<R>.csv`` under DDP; a single process writes ``predictions.csv``.
     """
@@ -56,8 +62,10 @@ class ClassificationPredictionWriter(BasePredictionWriter):
         samples = getattr(dataset, "samples", None)
         names = getattr(trainer.datamodule, "class_names", None)
         labels = batch[1].tolist()
+        excluded = {sample.index for sample in excluded_samples(batch)}
+        kept = [i for i in batch_indices if i not in excluded] if batch_indices is not None else None
         for row, (indices, probs) in enumerate(zip(prediction["indices"].tolist(), prediction["probs"].tolist())):
-            index = batch_indices[row] if batch_indices is not None else None
+            index = kept[row] if kept is not None else None
             path = samples[index][0] if samples is not None and index is not None else ""
             top_name = names[indices[0]] if names is not None else ""
             self._writer.writerow(
@@ -108,7 +116,7 @@ class CocoPredictionWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         self._results.update(prediction["records"], prediction["image_ids"])
-        for image, target in zip(*batch):
+        for image, target in zip(batch[0], batch[1]):  # NOTE: excluded images are not in the batch
             if self._overlays >= self.max_overlays:
                 break
             self._overlays += 1

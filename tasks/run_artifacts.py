@@ -92,7 +92,7 @@ class RunArtifacts(L.Callback):
             "final_metrics": {k: _plain(v) for k, v in sorted(trainer.callback_metrics.items())},
             "train_images_per_sec": round(self.train_images / self.train_seconds, 2) if self.train_seconds else None,
             "wall_seconds": round(time.perf_counter() - self._fit_start, 2),
-            **health_summary(trainer, pl_module),  # skipped_samples, nonfinite_steps, overflow_steps
+            **health_summary(trainer, pl_module),  # skipped_samples, nonfinite/overflow_steps, excluded_eval_images
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_training_curves(self.run_dir)

@@ -3,7 +3,9 @@
 Written here rather than taken from torchmetrics because the benchmark's averaging differs: intersections and unions
 are summed per class over the whole evaluation set, and the class mean skips classes that never occur in either the
 labels or the predictions (NaN-mean), whereas ``MulticlassJaccardIndex`` scores such classes as ``zero_division``.
-The state is one confusion matrix, summed across processes, so the result is exact under DDP.
+The state is one confusion matrix, summed across processes, so the result is exact under DDP. An image excluded from
+evaluation because it does not decode (``data.eval_undecodable: exclude``) never reaches ``update``: the matrix, and
+every figure computed from it, is the one of the dataset without that image.
 """
 
 from __future__ import annotations

@@ -1,15 +1,18 @@
 """Training health: non-finite losses skip their step, fp16 overflow is counted, undecodable samples are bounded.
 
-Two pieces. ``NonFiniteLossGuard`` lives in every task's ``training_step``: a step whose loss is NaN or infinite on
+Three pieces. ``NonFiniteLossGuard`` lives in every task's ``training_step``: a step whose loss is NaN or infinite on
 any process is skipped on every process (its gradients are dropped before the optimizer step, so no weight or
 optimizer state moves; ``global_step`` and the LR schedule still advance by one), the buffers its forward pass
 touched (BatchNorm statistics) are restored, and after ``max_nonfinite_steps`` such steps the run stops with a
 one-line ``TrainingHealthError``; since no bad step changes the weights, every checkpoint, ``last.ckpt`` included,
-holds good weights. ``RunHealth`` is a callback (added by ``train.py``) that sums the datasets' skip
-counters over processes and stops the run when more than ``data.max_skipped_fraction`` of the samples failed to
-decode, counts the steps the fp16 ``GradScaler`` skipped for overflow, refuses to write a checkpoint whose weights
+holds good weights. ``RunHealth`` is a callback (added by ``train.py``) that sums the training datasets' skip
+counters over processes and stops the run when more than ``data.max_skipped_fraction`` of the training samples failed
+to decode, counts the steps the fp16 ``GradScaler`` skipped for overflow, refuses to write a checkpoint whose weights
 are not finite, and hands its figures to ``summary.json`` (``skipped_samples``, ``nonfinite_steps``,
-``overflow_steps``).
+``overflow_steps``). ``ExcludedImages`` lives in every task's evaluation: it counts the val/test images left out of
+the metric because they do not decode (``data.eval_undecodable: exclude``; evaluation never substitutes a sample),
+summed over processes, logged as ``{stage}/excluded_images`` and written to ``summary.json`` as
+``excluded_eval_images``.
 """
 
 from __future__ import annotations
@@ -20,11 +23,19 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 
-from datamodules.decode import SkipCounter
+from datamodules.decode import SkipCounter, excluded_samples
 from datamodules.errors import DataError, UserError
 
-__all__ = ["NonFiniteLossGuard", "RunHealth", "TrainingHealthError", "health_summary", "skip_counts"]
+__all__ = [
+    "ExcludedImages",
+    "NonFiniteLossGuard",
+    "RunHealth",
+    "TrainingHealthError",
+    "health_summary",
+    "skip_counts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +129,39 @@ class NonFiniteLossGuard:
             self.skipping = False
 
 
+class ExcludedImages(Metric):
+    """Evaluation images left out of the metric because they do not decode, summed over processes.
+
+    ``update(batch)`` counts the batch's ``ExcludedSamples`` (``datamodules/decode.py``; a batch without one excluded
+    nothing); ``log_and_reset(module, stage)`` at the end of an evaluation epoch logs ``{stage}/excluded_images`` and
+    keeps the figure as ``last`` for ``summary.json``. The state is a sum, so the count is exact under DDP, where the
+    evaluation sampler gives every image to one process.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("count", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self.last = 0
+
+    def update(self, batch: Any) -> None:
+        self.count += len(excluded_samples(batch))
+
+    def compute(self) -> Tensor:
+        return self.count
+
+    def log_and_reset(self, module: L.LightningModule, stage: str) -> int:
+        """Log the epoch's count (all processes must call it: it synchronises), reset, and return it."""
+        self.last = int(self.compute())
+        self.reset()
+        module.log(f"{stage}/excluded_images", float(self.last), sync_dist=False)
+        return self.last
+
+
 def skip_counts(datamodule: Any) -> tuple[int, int, int]:
-    """``(requested, skipped, dataset size)`` summed over the datamodule's datasets that carry a ``SkipCounter``."""
+    """``(requested, skipped, dataset size)`` summed over the datamodule's datasets that carry a ``SkipCounter``:
+    the training sets (evaluation sets never replace a sample, so they have none)."""
     requested = skipped = size = 0
     for dataset in list(vars(datamodule).values()) if datamodule is not None else []:
         counter = getattr(dataset, "skip_counter", None)
@@ -133,9 +175,10 @@ def skip_counts(datamodule: Any) -> tuple[int, int, int]:
 class RunHealth(L.Callback):
     """Bounds undecodable samples, counts fp16 overflow steps, keeps non-finite weights out of checkpoints.
 
-    The skipped fraction is ``skipped / max(requested, dataset size)`` over all processes (train and val sets
-    together): measured against at least one pass over the data, a few bad files early in the first epoch do not
-    stop a run whose dataset is within the limit. It is checked every 50 training batches and at the end of every
+    The skipped fraction is ``skipped / max(requested, dataset size)`` over all processes, for the training samples
+    only (an undecodable evaluation image stops the run or is excluded from the metric, ``data.eval_undecodable``):
+    measured against at least one pass over the data, a few bad files early in the first epoch do not stop a run
+    whose dataset is within the limit. It is checked every 50 training batches and at the end of every
     training and validation epoch, on all ranks at once.
     """
 
@@ -209,13 +252,16 @@ class RunHealth(L.Callback):
 
 
 def health_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int]:
-    """The ``summary.json`` fields: ``RunHealth``'s process-summed figures, else this process's own counts."""
+    """The ``summary.json`` fields: ``RunHealth``'s process-summed figures (else this process's own counts) and
+    ``excluded_eval_images``, the images the last evaluation left out of its metric (summed over processes)."""
+    excluded = next((m.last for m in pl_module.modules() if isinstance(m, ExcludedImages)), 0)
     for callback in trainer.callbacks:
         if isinstance(callback, RunHealth) and callback.summary:
-            return dict(callback.summary)
+            return {**callback.summary, "excluded_eval_images": excluded}
     guard = getattr(pl_module, "nonfinite_guard", None)
     return {
         "skipped_samples": skip_counts(trainer.datamodule)[1],
         "nonfinite_steps": guard.count if isinstance(guard, NonFiniteLossGuard) else 0,
         "overflow_steps": 0,
+        "excluded_eval_images": excluded,
     }

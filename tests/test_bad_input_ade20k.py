@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from datamodules.ade20k import ADE20KDataModule
@@ -71,10 +72,29 @@ def test_an_rgb_mask_fails_at_setup(tmp_path: Path) -> None:
     _raises(root, rf"annotation .*{STEMS[0]}\.png is a RGB image: save it as a single-channel")
 
 
-def test_an_undecodable_image_is_skipped_and_counted(tmp_path: Path) -> None:
+def test_an_undecodable_training_image_is_skipped_and_counted(tmp_path: Path) -> None:
     root = _write(tmp_path / "ade")
-    (root / "images" / "validation" / f"{STEMS[0]}.jpg").write_bytes(b"")  # zero-byte
+    (root / "images" / "training" / f"{STEMS[0]}.jpg").write_bytes(b"")  # zero-byte
     dm = _setup(root)
-    names = [dm.val_set[i][2]["name"] for i in range(len(dm.val_set))]
-    assert names == [STEMS[1], STEMS[1], STEMS[2]]  # the next pair stands in, with its own mask
-    assert dm.val_set.skip_counter.skipped == 1 and dm.train_set.skip_counter.skipped == 0
+    masks = []
+    for i in range(len(dm.train_set)):
+        dm.train_set.reseed(0)  # NOTE: the same random crop for every draw
+        masks.append(dm.train_set[i][1])
+    assert len(masks) == 3 and torch.equal(masks[0], masks[1])  # the next pair stands in, with its own mask
+    assert dm.train_set.skip_counter.skipped == 1 and dm.train_set.skip_counter.requested == 3
+
+
+def test_an_undecodable_val_image_is_never_replaced(tmp_path: Path) -> None:
+    root = _write(tmp_path / "ade")
+    bad = root / "images" / "validation" / f"{STEMS[0]}.jpg"
+    bad.write_bytes(b"")
+    dm = _setup(root)
+    assert dm.val_set.skip_counter is None  # evaluation never substitutes, so it has nothing to count
+    with pytest.raises(DataError, match=rf"cannot decode evaluation image {bad} \(0 bytes\)") as info:
+        dm.val_set[0]
+    assert "eval_undecodable exclude" in str(info.value) and "\n" not in str(info.value)
+    dm = ADE20KDataModule(root=str(root), crop_size=32, scale=(64, 32), eval_short_side=32, eval_undecodable="exclude")
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert len(batch[0]) == 0 and [(e.index, e.key) for e in batch[3]] == [(0, STEMS[0])]
+    assert dm.val_set[1][2]["name"] == STEMS[1]  # the others keep their own pairs

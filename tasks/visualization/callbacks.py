@@ -125,8 +125,8 @@ class ValidationOverlays(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if dataloader_idx != 0 or self._seen >= self.num_images or not self._active(trainer):
-            return
+        if dataloader_idx != 0 or self._seen >= self.num_images or not self._active(trainer) or len(batch[0]) == 0:
+            return  # NOTE: an empty batch is one whose images were all excluded (data.eval_undecodable exclude)
         limit = self.num_images - self._seen
         self._seen += min(limit, len(batch[0]))
         self._pictures += render_validation_batch(pl_module, batch, trainer.datamodule, limit)
