@@ -1,4 +1,4 @@
-"""ImageNet-layout classification data: ``root/{train,val}/<class>/<image>``, albumentations transforms."""
+"""ImageNet-layout classification data: ``root/{train,val}/<class>/<image>``, timm's transforms."""
 
 from __future__ import annotations
 
@@ -8,11 +8,17 @@ import lightning.pytorch as L
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 
-from .decode import check_skipped_fraction
-from .errors import DataError
-from .image_folder import ImageFolderDataset, find_classes, read_class_names, scan_image_folder
+from .classification_transforms import build_eval_transform, build_train_transform, check_rand_augment
+from .decode import check_eval_undecodable, check_skipped_fraction
+from .errors import ConfigError, DataError
+from .image_folder import (
+    ImageFolderDataset,
+    collate_classification_excluding,
+    find_classes,
+    read_class_names,
+    scan_image_folder,
+)
 from .loaders import EvalLoadersMixin, ResumableTrainLoaderMixin, build_loader
-from .transforms import build_eval_transform, build_train_transform
 
 __all__ = ["ImageNetDataModule"]
 
@@ -28,12 +34,21 @@ class ImageNetDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.Lightnin
         root: dataset folder.
         img_size: training crop and evaluation crop size.
         crop_pct: evaluation resizes the short side to ``img_size / crop_pct`` and centre-crops ``img_size``.
-        interpolation: resize interpolation (``bicubic`` as in DeiT).
+        interpolation: PIL resize interpolation (``bicubic`` as in DeiT; ``random``: bilinear or bicubic per training
+            sample, bilinear for evaluation).
         scale: RandomResizedCrop area range.
         ratio: RandomResizedCrop aspect-ratio range; ``[1, 1]`` keeps shapes undistorted.
         hflip: horizontal flip probability.
-        rand_augment: a timm RandAugment spec (``rand-m9-mstd0.5-inc1``) or None.
+        rand_augment: a timm RandAugment spec (``rand-m9-mstd0.5-inc1``) or None; checked here.
         random_erasing: random-erasing probability (DeiT's ``reprob``).
+        random_erasing_mode: the erased box's fill after normalisation (DeiT's ``remode``): ``pixel`` per-pixel
+            normal noise, ``rand`` one normal colour per box, ``const`` zeros.
+        random_erasing_count: up to this many boxes per erased image (DeiT's ``recount``), drawn uniformly from 1.
+        color_jitter: timm's ColorJitter strength for brightness, contrast and saturation, or None for none (timm
+            skips it when RandAugment is on, except for the ``t3a`` op sets).
+        repeated_augmentation: repeats of each training image per epoch, each on another rank with its own
+            augmentation (DeiT's RASampler, timm's ``RepeatAugSampler``: 3 in the DeiT recipe; an epoch still holds
+            about one pass of samples, ``N // 256 * 256``); 1 disables it (``datamodules/loaders.py``).
         mean: normalisation mean (RGB, 0-1 scale).
         std: normalisation std.
         batch_size: training batch size per device (the global batch is this times devices times nodes).
@@ -42,9 +57,13 @@ class ImageNetDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.Lightnin
         pin_memory: pin host memory for faster host-to-device copies.
         persistent_workers: keep workers alive between epochs.
         class_names_file: optional file of class names.
-        max_skipped_fraction: stop the run when more than this fraction of the samples fails to decode (each
-            failure is logged, replaced by the next decodable image and counted as ``skipped_samples`` in
-            ``summary.json``; see ``tasks/training_health.py``).
+        max_skipped_fraction: stop the run when more than this fraction of the training samples fails to decode
+            (each failure is logged, replaced by the next decodable image and counted as ``skipped_samples`` in
+            ``summary.json``; see ``tasks/training_health.py``). Evaluation images are never replaced.
+        eval_undecodable: what an undecodable val/test/predict image does: ``"error"`` stops the run naming the file;
+            ``"exclude"`` leaves it out of the metric (the top-1/top-5 denominators count decoded images only) and
+            of the predictions, counted as ``val/excluded_images`` and ``excluded_eval_images`` in ``summary.json``;
+            evaluation batches then end with their ``ExcludedSamples`` (``collate_classification_excluding``).
     """
 
     def __init__(
@@ -58,6 +77,10 @@ class ImageNetDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.Lightnin
         hflip: float = 0.5,
         rand_augment: str | None = None,
         random_erasing: float = 0.0,
+        random_erasing_mode: str = "pixel",
+        random_erasing_count: int = 1,
+        color_jitter: float | None = None,
+        repeated_augmentation: float = 1,
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
         batch_size: int = 128,
@@ -67,10 +90,17 @@ class ImageNetDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.Lightnin
         persistent_workers: bool = True,
         class_names_file: str | None = None,
         max_skipped_fraction: float = 0.001,
+        eval_undecodable: str = "error",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.max_skipped_fraction = check_skipped_fraction(max_skipped_fraction)
+        check_eval_undecodable(eval_undecodable)
+        check_rand_augment(rand_augment)
+        if repeated_augmentation < 1:
+            raise ConfigError(
+                f"data.repeated_augmentation {repeated_augmentation} must be >= 1 (1: off; the DeiT recipe uses 3)"
+            )
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data root {self.root} does not exist: set --data.init_args.root to the dataset folder")
@@ -104,6 +134,9 @@ class ImageNetDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.Lightnin
                 hflip=hp.hflip,
                 rand_augment=hp.rand_augment,
                 random_erasing=hp.random_erasing,
+                random_erasing_mode=hp.random_erasing_mode,
+                random_erasing_count=hp.random_erasing_count,
+                color_jitter=hp.color_jitter,
                 interpolation=hp.interpolation,
                 mean=tuple(hp.mean),
                 std=tuple(hp.std),
@@ -117,14 +150,18 @@ class ImageNetDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.Lightnin
                 mean=tuple(hp.mean),
                 std=tuple(hp.std),
             )
-            self.val_set = ImageFolderDataset(scan_image_folder(self.root / "val", self.classes), eval_tf)
+            samples = scan_image_folder(self.root / "val", self.classes)
+            self.val_set = ImageFolderDataset(samples, eval_tf, undecodable=hp.eval_undecodable)
 
     def _loader(self, dataset: ImageFolderDataset, train: bool) -> DataLoader:
         hp = self.hparams
         options = dict(num_workers=hp.num_workers, pin_memory=hp.pin_memory, persistent_workers=hp.persistent_workers)
         if train:
-            return self.train_loader(dataset, batch_size=hp.batch_size, **options)
-        return build_loader(dataset, train=False, batch_size=hp.eval_batch_size or hp.batch_size, **options)
+            return self.train_loader(dataset, batch_size=hp.batch_size, num_repeats=hp.repeated_augmentation, **options)
+        collate = collate_classification_excluding if hp.eval_undecodable == "exclude" else None
+        return build_loader(
+            dataset, train=False, batch_size=hp.eval_batch_size or hp.batch_size, collate_fn=collate, **options
+        )
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

@@ -1,14 +1,10 @@
-"""Albumentations pipelines for classification: the DeiT/timm training recipe and the timm-style eval resize-crop.
+"""Albumentations pipelines for detection (keep-ratio resize, large-scale jitter, flip) and OpenCV interpolations.
 
-Training: RandomResizedCrop(scale 0.08-1, bicubic) -> horizontal flip -> optional RandAugment-strength policy ->
-Normalize -> optional random erasing -> CHW tensor. Eval: resize the short side to ``img_size / crop_pct`` -> centre
-crop ``img_size`` -> Normalize -> CHW tensor.
+The classification transforms are timm's own, in ``datamodules.classification_transforms``.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,16 +12,11 @@ import albumentations as A
 import cv2
 import numpy as np
 from albumentations.core.type_definitions import Targets
-from albumentations.pytorch import ToTensorV2
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = [
     "INTERPOLATIONS",
     "KeepRatioResize",
     "build_detection_transform",
-    "build_eval_transform",
-    "build_train_transform",
-    "rand_augment_policy",
 ]
 
 INTERPOLATIONS = {
@@ -35,122 +26,6 @@ INTERPOLATIONS = {
     "area": cv2.INTER_AREA,
     "lanczos": cv2.INTER_LANCZOS4,
 }
-
-_MAX_MAGNITUDE = 10.0
-
-
-def _interpolation(name: str) -> int:
-    if name not in INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation {name!r}: use one of {', '.join(INTERPOLATIONS)}")
-    return INTERPOLATIONS[name]
-
-
-def _parse_rand_augment(spec: str) -> tuple[int, float, float]:
-    """Parse timm's RandAugment spec ``rand-m9-n2-mstd0.5`` into (num_ops, magnitude, magnitude_std)."""
-    parts = spec.split("-")
-    if parts[0] != "rand":
-        raise ValueError(f"rand_augment {spec!r} must start with 'rand-', e.g. 'rand-m9-mstd0.5-inc1'")
-    num_ops, magnitude, magnitude_std = 2, 9.0, 0.0
-    for part in parts[1:]:
-        match = re.fullmatch(r"(mstd|m|n|inc|w|p)([\d.]+)", part)
-        if match is None:
-            raise ValueError(f"rand_augment {spec!r}: cannot parse {part!r} (expected m<int>, n<int>, mstd<float>)")
-        key, value = match.groups()
-        if key == "m":
-            magnitude = float(value)
-        elif key == "n":
-            num_ops = int(value)
-        elif key == "mstd":
-            magnitude_std = float(value)
-    return num_ops, magnitude, magnitude_std
-
-
-def rand_augment_policy(spec: str, fill: tuple[int, int, int] = (124, 116, 104)) -> A.BaseCompose:
-    """A RandAugment-strength policy (Cubuk et al., arXiv 1909.13719) expressed with albumentations ops.
-
-    ``spec`` uses timm's syntax (``rand-m9-mstd0.5-inc1``): ``n`` ops drawn uniformly per image, each at magnitude
-    ``m`` out of 10 (timm's "increasing" variants: a stronger magnitude always means a stronger distortion). The
-    magnitude noise ``mstd`` is approximated by sampling each op's strength from ``[0, m]`` when ``mstd > 0``.
-    """
-    num_ops, magnitude, magnitude_std = _parse_rand_augment(spec)
-    m = min(magnitude, _MAX_MAGNITUDE) / _MAX_MAGNITUDE
-    low = 0.0 if magnitude_std > 0 else m
-
-    def span(high: float) -> tuple[float, float]:
-        return (low * high, m * high)
-
-    def sym(high: float) -> tuple[float, float]:
-        return (-m * high, m * high)
-
-    ops = [
-        A.Affine(rotate=sym(30.0), fill=fill, p=1.0),
-        A.Affine(shear={"x": sym(17.0), "y": (0, 0)}, fill=fill, p=1.0),
-        A.Affine(shear={"x": (0, 0), "y": sym(17.0)}, fill=fill, p=1.0),
-        A.Affine(translate_percent={"x": sym(0.45), "y": (0, 0)}, fill=fill, p=1.0),
-        A.Affine(translate_percent={"x": (0, 0), "y": sym(0.45)}, fill=fill, p=1.0),
-        A.ColorJitter(brightness=span(0.9), contrast=0, saturation=0, hue=0, p=1.0),
-        A.ColorJitter(brightness=0, contrast=span(0.9), saturation=0, hue=0, p=1.0),
-        A.ColorJitter(brightness=0, contrast=0, saturation=span(0.9), hue=0, p=1.0),
-        A.Sharpen(alpha=(0.0, max(m * 0.9, 1e-3)), lightness=(1.0, 1.0), p=1.0),
-        A.Posterize(num_bits=(max(1, round(8 - 4 * m)), 8), p=1.0),
-        A.Solarize(threshold_range=(1.0 - m, 1.0), p=1.0),
-        A.Equalize(p=1.0),
-        A.AutoContrast(p=1.0),
-        A.InvertImg(p=1.0),
-    ]
-    return A.SomeOf(ops, n=num_ops, replace=True, p=1.0)
-
-
-def build_train_transform(
-    img_size: int,
-    *,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    hflip: float = 0.5,
-    rand_augment: str | None = None,
-    random_erasing: float = 0.0,
-    interpolation: str = "bicubic",
-    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
-    std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
-) -> A.Compose:
-    """The DeiT/timm training pipeline on HWC uint8 RGB arrays; returns a float CHW tensor."""
-    steps: list = [
-        A.RandomResizedCrop(
-            size=(img_size, img_size), scale=scale, ratio=ratio, interpolation=_interpolation(interpolation)
-        ),
-    ]
-    if hflip > 0:
-        steps.append(A.HorizontalFlip(p=hflip))
-    if rand_augment:
-        steps.append(rand_augment_policy(rand_augment, fill=tuple(round(255 * x) for x in mean)))
-    steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
-    if random_erasing > 0:
-        # NOTE: timm's RandomErasing fills with per-pixel normal noise after normalisation ("pixel" mode).
-        steps.append(A.Erasing(scale=(0.02, 1 / 3), ratio=(0.3, 3.3), fill="random_uniform", p=random_erasing))
-    steps.append(ToTensorV2())
-    return A.Compose(steps)
-
-
-def build_eval_transform(
-    img_size: int,
-    *,
-    crop_pct: float = 0.875,
-    interpolation: str = "bicubic",
-    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
-    std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
-) -> A.Compose:
-    """timm's eval pipeline: short side to ``floor(img_size / crop_pct)``, centre crop, normalise, CHW tensor."""
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    scale_size = math.floor(img_size / crop_pct)
-    return A.Compose(
-        [
-            A.SmallestMaxSize(max_size=scale_size, interpolation=_interpolation(interpolation)),
-            A.CenterCrop(height=img_size, width=img_size),
-            A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
-            ToTensorV2(),
-        ]
-    )
 
 
 # NOTE: the ImageNet mean in 0-255, so LSJ padding is ~0 after the detector normalises (mmdet pads after Normalize).

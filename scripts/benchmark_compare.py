@@ -10,8 +10,9 @@ Subcommands (each writes ``<out-dir>/compare_<name>.csv`` and ``.md`` with the s
   and peak memory. Target: ``timm_ms / ours_ms >= 1.0``.
 - ``lightning``: ``Trainer.fit`` against a plain PyTorch loop on the same task and data (``benchmark_loop.py``).
   Target: overhead <= 3%.
-- ``data``: JPEG decode + training augmentation, images/s of one worker, the project's albumentations pipeline
-  against timm's ``create_transform`` on the same files (``benchmark_data.py``).
+- ``data``: JPEG decode + training augmentation, images/s of one worker, the project's pipeline (timm's
+  ``create_transform`` behind a per-sample seed) against timm's ``create_transform`` on the same files
+  (``benchmark_data.py``); ``max_abs_diff`` 0 means the same tensor under the same seed.
 - ``efficiency``: achieved FLOP/s of a training step divided by the fp32 (or bf16) matrix-multiply peak measured on
   the same machine, the two measured in turns. A step's FLOPs are ``6 * MACs * batch`` (forward 2 FLOPs per MAC,
   backward twice the forward), MACs as ``scripts/inspect_models.py`` counts them.
@@ -233,7 +234,7 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     ],
     "data": [
         ("recipe", "{}"), ("source", "{}"), ("crop", "{}"), ("images", "{}"), ("passes", "{}"),
-        ("timm_img_s", "{:.1f}"), ("ours_img_s", "{:.1f}"), ("ratio", "{:.2f}"),
+        ("timm_img_s", "{:.1f}"), ("ours_img_s", "{:.1f}"), ("ratio", "{:.2f}"), ("max_abs_diff", "{:.1e}"),
     ],
     "efficiency": [
         ("model", "{}"), ("img_size", "{}"), ("batch", "{}"), ("gmacs", "{:.3f}"), ("train_ms", "{:.1f}"),

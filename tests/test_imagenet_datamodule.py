@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.errors import DataError
+from datamodules.classification_transforms import SeededTimmTransform, build_eval_transform, build_train_transform
+from datamodules.errors import ConfigError, DataError
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.samplers import UnpaddedDistributedSampler
 from datamodules.shapes import SHAPE_CLASSES
-from datamodules.transforms import build_eval_transform, build_train_transform
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -60,6 +60,26 @@ def test_eval_transform_is_resize_then_centre_crop() -> None:
     # short side 40 -> 40 (20 / 0.5); width stays 80; the centre 20 columns are 30..49
     cols = (img[0, 0] * 255).round().long()
     assert cols.tolist() == list(range(30, 50))
+
+
+def test_transform_options_reach_timms_pipeline(tiny_imagenet: Path) -> None:
+    dm = ImageNetDataModule(
+        root=str(tiny_imagenet), img_size=32, rand_augment="rand-m9-mstd0.5-inc1", random_erasing=0.25,
+        random_erasing_mode="rand", random_erasing_count=2, color_jitter=0.4, num_workers=0,
+    )  # fmt: skip
+    dm.setup("fit")
+    train, val = dm.train_set.transform, dm.val_set.transform
+    assert isinstance(train, SeededTimmTransform) and isinstance(val, SeededTimmTransform)
+    erasing = train.transform.transforms[-1]
+    assert (erasing.probability, erasing.mode, erasing.max_count) == (0.25, "rand", 2)
+    assert [op.name for op in train.rand_augment.ops][4] == "PosterizeIncreasing"
+    # NOTE: timm leaves colour jitter out when RandAugment is on
+    assert "ColorJitter" not in repr(train.transform) and val.rand_augment is None
+
+
+def test_bad_rand_augment_spec_fails_at_construction(tiny_imagenet: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^data\.rand_augment 'rand-m9-w0': 'w0': .*'-tweights'"):
+        ImageNetDataModule(root=str(tiny_imagenet), rand_augment="rand-m9-w0")
 
 
 def test_loaders_batch_and_drop_last(tiny_imagenet: Path) -> None:
