@@ -1,5 +1,7 @@
 """Data loaders that resume exactly: the training order and every sample's augmentation depend only on
-(seed, epoch, index), and a run restarted from a mid-epoch checkpoint sees exactly the samples it had not seen yet.
+(seed, epoch, position in the epoch's global order), and a run restarted from a mid-epoch checkpoint sees exactly the
+samples it had not seen yet. The order is ``DistributedSampler``'s, or with repeated augmentation timm's
+``RepeatAugSampler``'s (DeiT's ``RASampler``).
 
 Written by hand because Lightning restores a loader's position only through a ``state_dict`` the loader provides,
 and the maintained stateful loader (``torchdata.nodes`` / ``StatefulDataLoader``) replays augmentations only when
@@ -10,6 +12,7 @@ has to be stored.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -26,13 +29,18 @@ __all__ = [
     "ResumableTrainLoaderMixin",
     "SeededSamples",
     "build_loader",
+    "repeated_samples_per_rank",
     "sample_seed",
 ]
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of sample ``index`` in ``epoch`` of a run seeded with ``seed`` (a 32-bit integer)."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The augmentation seed of the sample at ``position`` of ``epoch``'s global order (a 32-bit integer).
+
+    The position, not the dataset index, so that the repeats of one image under repeated augmentation are augmented
+    differently; it does not depend on the world size, so one process and many augment the same positions alike.
+    """
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
 
 
 def _distributed_world() -> tuple[int, int]:
@@ -41,31 +49,82 @@ def _distributed_world() -> tuple[int, int]:
     return 1, 0
 
 
+def repeated_samples_per_rank(length: int, world: int, selected_round: int = 256) -> int:
+    """Samples per rank and epoch under repeated augmentation (timm ``RepeatAugSampler``, DeiT ``RASampler``):
+    ``floor(length // selected_round * selected_round / world)``, or ``ceil(length / world)`` for small sets."""
+    if selected_round and length >= selected_round:
+        return math.floor(length // selected_round * selected_round / world)
+    return math.ceil(length / world)
+
+
 class ResumableSampler(DistributedSampler):
     """Shuffled shard of the training set that yields ``(index, augmentation seed)`` and can skip a consumed prefix.
 
-    The order is ``DistributedSampler``'s (a permutation seeded with ``seed + epoch``, padded to a multiple of the world
-    size, every ``world``-th index from ``rank``), so one process and many see the same global order. ``skip(epoch, n)``
-    drops the first ``n`` samples of this rank's shard the next time ``epoch`` is iterated; ``len()`` stays the full
-    shard length because Lightning counts batches from the start of the epoch it restores. Subclassing
-    ``DistributedSampler`` keeps Lightning from replacing it under DDP.
+    Global order of ``epoch``: ``perm = randperm(N)`` seeded with ``seed + epoch`` (the same on every rank). Without
+    repeats (``num_repeats=1``) it is ``DistributedSampler``'s: ``perm`` padded to a multiple of the world size ``W``,
+    rank ``r`` taking positions ``r, r + W, ...``. With repeats it is timm's ``RepeatAugSampler`` (repeated
+    augmentation, Hoffer et al., "Augment your batch", CVPR 2020; DeiT's ``RASampler``): every index of ``perm``
+    repeated ``num_repeats`` times in a row, rank ``r`` taking positions ``r, r + W, ...`` (wrapping around) up to
+    ``repeated_samples_per_rank(N, W)`` of them, so each repeat of an image lands on another rank and an epoch still
+    holds about ``N`` samples. Each sample's augmentation seed is ``sample_seed(seed, epoch, position)``.
+
+    ``skip(epoch, n)`` drops the first ``n`` samples of this rank's shard the next time ``epoch`` is iterated;
+    ``len()`` stays the full shard length because Lightning counts batches from the start of the epoch it restores.
+    Subclassing ``DistributedSampler`` keeps Lightning from replacing it under DDP.
+
+    Args:
+        dataset: the training set.
+        seed: the run's loader seed (the same on every rank).
+        num_repeats: repeats per image and epoch (DeiT: 3); 1 is plain shuffling; a non-integer repeats a fraction of
+            the images once more, as timm's.
+        num_replicas: world size (default: torch.distributed's).
+        rank: this process's rank (default: torch.distributed's).
     """
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        world, rank = _distributed_world()
+    def __init__(
+        self,
+        dataset: Dataset,
+        seed: int,
+        num_repeats: float = 1,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        world, this_rank = _distributed_world()
+        world = world if num_replicas is None else num_replicas
+        rank = this_rank if rank is None else rank
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        if num_repeats < 1:
+            raise ValueError(f"num_repeats={num_repeats} must be >= 1 (1: no repeated augmentation, DeiT: 3)")
+        self.num_repeats = num_repeats
+        if num_repeats != 1:
+            length = len(dataset)  # type: ignore[arg-type]
+            self.total_size = math.ceil(length * num_repeats / world) * world
+            self.num_samples = min(repeated_samples_per_rank(length, world), self.total_size // world)
         self._skip: tuple[int, int] | None = None
 
     def skip(self, epoch: int, samples: int) -> None:
         """Drop the first ``samples`` indices of ``epoch`` (once)."""
         self._skip = (epoch, samples) if samples > 0 else None
 
+    def global_order(self) -> list[int]:
+        """The epoch's dataset indices in global position order (before padding/wrap-around), the same on every rank."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.dataset), generator=generator)  # type: ignore[arg-type]
+        if self.num_repeats == 1:
+            return perm.tolist()
+        if float(self.num_repeats).is_integer():
+            return torch.repeat_interleave(perm, int(self.num_repeats)).tolist()
+        size = math.ceil(self.num_repeats * len(perm))
+        return perm[torch.tensor([int(i // self.num_repeats) for i in range(size)], dtype=torch.long)].tolist()
+
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        indices = list(super().__iter__())
+        order = self.global_order()
+        positions = range(self.rank, self.total_size, self.num_replicas)[: self.num_samples]
+        start = 0
         if self._skip is not None and self._skip[0] == self.epoch:
-            indices = indices[self._skip[1] :]
-            self._skip = None
-        return iter([(index, sample_seed(self.seed, self.epoch, index)) for index in indices])
+            start, self._skip = self._skip[1], None
+        return iter([(order[p % len(order)], sample_seed(self.seed, self.epoch, p)) for p in positions[start:]])
 
 
 class SeededSamples(Dataset):
@@ -99,10 +158,12 @@ def build_loader(
     collate_fn: Callable[[Sequence[Any]], Any] | None = None,
     seed: int = 0,
     drop_last: bool | None = None,
+    num_repeats: float = 1,
 ) -> DataLoader:
     """The project's DataLoader for one split.
 
-    Training: a ``ResumableSampler`` (shuffled, sharded across DDP ranks) over ``SeededSamples(dataset)``, and by
+    Training: a ``ResumableSampler`` (shuffled, sharded across DDP ranks, ``num_repeats`` repeated augmentation) over
+    ``SeededSamples(dataset)``, and by
     default the last ragged batch dropped (mixup/cutmix need an even batch, and a small last batch skews batch
     statistics).
     Evaluation: in order, and under DDP an ``UnpaddedDistributedSampler`` so that every sample is scored once.
@@ -112,7 +173,7 @@ def build_loader(
     world, _ = _distributed_world()
     generator = torch.Generator().manual_seed(seed)
     if train:
-        sampler: Any = ResumableSampler(dataset, seed)
+        sampler: Any = ResumableSampler(dataset, seed, num_repeats=num_repeats)
         dataset = SeededSamples(dataset)
     else:
         sampler = UnpaddedDistributedSampler(dataset) if world > 1 else None
@@ -128,6 +189,16 @@ def build_loader(
         generator=generator,
         drop_last=train if drop_last is None else drop_last,
     )
+
+
+def _shared_across_ranks(value: int) -> int:
+    """Rank 0's ``value`` on every rank: the shuffle must be shared while each rank's random stream is its own."""
+    world, _ = _distributed_world()
+    if world == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return int(box[0])
 
 
 class ResumableTrainLoaderMixin:
@@ -151,7 +222,7 @@ class ResumableTrainLoaderMixin:
             self._train_seed = resume["seed"]
         elif self._train_seed is None:
             # NOTE: drawn once from the global stream, so it follows seed_everything; then kept in checkpoints
-            self._train_seed = int(torch.randint(2**31, ()).item())
+            self._train_seed = _shared_across_ranks(int(torch.randint(2**31, ()).item()))
         loader = build_loader(dataset, train=True, batch_size=batch_size, seed=self._train_seed, **kwargs)
         if resume is not None:
             loader.sampler.skip(resume["epoch"], resume["samples"])  # type: ignore[union-attr]

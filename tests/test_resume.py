@@ -128,3 +128,41 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resumes(
     _assert_same_weights(weights, reference[1])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["global_step"] == TOTAL_STEPS
+
+
+REPEATED = ("--data.init_args.repeated_augmentation", "3", "--model.init_args.mixup", "0.8")
+
+
+def test_sigkill_with_repeated_augmentation_and_mixup_resumes_bit_identical(
+    tiny_imagenet: Path, tmp_path: Path
+) -> None:
+    reference = _fit(tiny_imagenet, tmp_path / "reference", *REPEATED)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    kill_step = random.Random().randrange(3, TOTAL_STEPS - 1)
+    killed = _fit(tiny_imagenet, tmp_path / "killed", *REPEATED, *_kill_callback("KillAtStep", kill_step))
+    assert killed.returncode == -signal.SIGKILL, (kill_step, killed.stderr[-2000:])
+    resumed = _fit(tiny_imagenet, tmp_path / "killed", *REPEATED)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    step, weights = _state(tmp_path / "killed" / "run")
+    ref_step, ref_weights = _state(tmp_path / "reference" / "run")
+    assert step == ref_step == TOTAL_STEPS, f"killed at {kill_step}"
+    _assert_same_weights(weights, ref_weights)
+
+
+@pytest.mark.slow
+def test_two_process_sigkill_with_repeated_augmentation_resumes_bit_identical(
+    tiny_imagenet: Path, tmp_path: Path
+) -> None:
+    ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", *REPEATED)
+    reference = _fit(tiny_imagenet, tmp_path / "reference", *ddp)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    steps = TOTAL_STEPS // 2  # each rank sees half of every epoch
+    kill_step = random.Random().randrange(2, steps - 1)
+    killed = _fit(tiny_imagenet, tmp_path / "killed", *ddp, *_kill_callback("KillAtStep", kill_step))
+    assert killed.returncode == -signal.SIGKILL, (kill_step, killed.stderr[-2000:])
+    resumed = _fit(tiny_imagenet, tmp_path / "killed", *ddp)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    step, weights = _state(tmp_path / "killed" / "run")
+    ref_step, ref_weights = _state(tmp_path / "reference" / "run")
+    assert step == ref_step == steps, f"killed at {kill_step}"
+    _assert_same_weights(weights, ref_weights)
