@@ -1,8 +1,9 @@
 """Image classification: a timm backbone trained with the DeiT recipe (the one the BiFormer paper follows).
 
 Recipe pieces and where they come from: AdamW with no weight decay on norms, biases and the model's
-``no_weight_decay()`` set (timm ``create_optimizer_v2``); cosine schedule with linear warmup, stepped every iteration
-(timm ``CosineLRScheduler``); label smoothing; mixup/cutmix with soft targets (timm ``Mixup`` and
+``no_weight_decay()`` set (timm ``create_optimizer_v2``); cosine schedule with linear warmup (timm
+``CosineLRScheduler``), stepped every iteration or, as DeiT's and BiFormer's ``main.py`` step it, once per epoch
+(``lr_interval``); label smoothing; mixup/cutmix with soft targets (timm ``Mixup`` and
 ``SoftTargetCrossEntropy``); an EMA of the weights (timm ``ModelEmaV3``), evaluated beside the raw weights and saved
 in every checkpoint; top-1/top-5 from torchmetrics (synchronised across processes under DDP).
 
@@ -28,11 +29,14 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from datamodules.decode import ExcludedSamples
+
 from .backbone import ConfigError, create_backbone
 from .checkpoint_loading import pretrained_file_errors
 from .config_checks import backbone_errors
+from .lr_schedules import optimizer_steps_per_epoch
 from .prediction_writer import ClassificationPredictionWriter
-from .training_health import NonFiniteLossGuard
+from .training_health import ExcludedImages, NonFiniteLossGuard
 
 __all__ = ["ClassificationTask"]
 
@@ -53,9 +57,13 @@ class ClassificationTask(L.LightningModule):
         weight_decay: decoupled weight decay (not applied to norms, biases, ``no_weight_decay()``).
         layer_decay: layer-wise LR decay factor (needs the model's ``group_matcher``); ``None`` disables it.
         betas: AdamW betas.
-        warmup_epochs: linear warmup length in epochs (may be fractional); stepped per iteration.
+        warmup_epochs: linear warmup length in epochs (may be fractional with ``lr_interval="step"``).
         warmup_lr: learning rate at the first step of warmup.
         min_lr: floor of the cosine schedule.
+        lr_interval: ``"step"``: the schedule advances every optimizer update (warmup and cosine in updates);
+            ``"epoch"``: DeiT's and BiFormer's ``main.py``: timm's scheduler in epochs, ``scheduler.step(epoch)``
+            after each epoch, so epoch ``e`` trains at the schedule's value for ``e - 1`` (epochs 0 and 1 at
+            ``warmup_lr``) and the rate is constant within an epoch.
         label_smoothing: label smoothing (folded into the mixup targets when mixup is on).
         mixup: mixup alpha (0 disables).
         cutmix: cutmix alpha (0 disables).
@@ -87,6 +95,7 @@ class ClassificationTask(L.LightningModule):
         warmup_epochs: float = 5.0,
         warmup_lr: float = 1e-6,
         min_lr: float = 1e-5,
+        lr_interval: str = "step",
         label_smoothing: float = 0.1,
         mixup: float = 0.0,
         cutmix: float = 0.0,
@@ -103,6 +112,8 @@ class ClassificationTask(L.LightningModule):
         self.save_hyperparameters()
         if monitor not in ("val/top1", "val/ema_top1", "val/top5", "val/ema_top5", "val/loss"):
             raise ConfigError(f"model.monitor {monitor!r} is not a logged metric: use val/top1 or val/ema_top1")
+        if lr_interval not in ("step", "epoch"):
+            raise ConfigError(f"model.lr_interval {lr_interval!r} is not supported: use step or epoch")
         if monitor.startswith("val/ema") and ema_decay is None:
             raise ConfigError(f"model.monitor {monitor!r} needs the EMA: set model.ema_decay (e.g. 0.9998)")
         kwargs = dict(backbone_kwargs or {})
@@ -141,6 +152,7 @@ class ClassificationTask(L.LightningModule):
             metrics["top5"] = accuracy(5)
         self.val_metrics = MetricCollection(metrics, prefix="val/")
         self.ema_metrics = self.val_metrics.clone(prefix="val/ema_") if self.ema is not None else None
+        self.excluded_images = ExcludedImages()
         # NOTE: kept out of the module tree so checkpoints hold ``model.*`` keys only, compiled or not.
         self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
 
@@ -174,8 +186,11 @@ class ClassificationTask(L.LightningModule):
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step + 1)
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
-        images, targets = batch
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor, ExcludedSamples], stage: str) -> None:
+        images, targets = batch[0], batch[1]
+        self.excluded_images.update(batch)
+        if len(images) == 0:
+            return  # NOTE: every image of the batch was excluded (data.eval_undecodable: exclude)
         logits = self(images)
         self.log(f"{stage}/loss", F.cross_entropy(logits, targets), sync_dist=True, batch_size=images.shape[0])
         self.val_metrics.update(logits, targets)
@@ -191,6 +206,7 @@ class ClassificationTask(L.LightningModule):
             for name, value in collection.compute().items():
                 self.log(name.replace("val/", f"{stage}/", 1), value, prog_bar=name.endswith("top1"), sync_dist=False)
             collection.reset()
+        self.excluded_images.log_and_reset(self, stage)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -204,8 +220,13 @@ class ClassificationTask(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
 
-    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        images, _ = batch
+    def predict_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor, ExcludedSamples], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        images = batch[0]
+        if len(images) == 0:
+            top_k = min(5, self.hparams.num_classes)
+            return {"indices": torch.empty(0, top_k, dtype=torch.int64), "probs": torch.empty(0, top_k)}
         model = self.ema.module if self.ema is not None and self.monitor.startswith("val/ema") else self._forward
         probs = model(images).softmax(dim=-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
@@ -236,7 +257,17 @@ class ClassificationTask(L.LightningModule):
             layer_decay=hp.layer_decay,
             **({"betas": tuple(hp.betas)} if "adam" in hp.optimizer or "lamb" in hp.optimizer else {}),
         )
-        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
+        if hp.lr_interval == "epoch":
+            scheduler = CosineLRScheduler(
+                optimizer,
+                t_initial=int(self.trainer.max_epochs),
+                lr_min=hp.min_lr,
+                warmup_t=hp.warmup_epochs,
+                warmup_lr_init=hp.warmup_lr,
+                t_in_epochs=True,
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        steps_per_epoch = optimizer_steps_per_epoch(self.trainer)
         scheduler = CosineLRScheduler(
             optimizer,
             t_initial=total_steps,
@@ -248,7 +279,10 @@ class ClassificationTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Any) -> None:
-        scheduler.step_update(num_updates=self.global_step)
+        if self.hparams.lr_interval == "epoch":
+            scheduler.step(epoch=self.current_epoch)  # NOTE: after epoch e, as main.py's lr_scheduler.step(epoch)
+        else:
+            scheduler.step_update(num_updates=self.global_step)
 
     def export_module(self) -> nn.Module:
         """The weights the run exports: the EMA when it is the monitored model, else the trained model."""

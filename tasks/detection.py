@@ -1,10 +1,12 @@
 """Object detection and instance segmentation: torchvision RetinaNet / Mask R-CNN on any timm backbone.
 
-The recipe is the one the BiFormer and DaViT papers used through mmdetection (BiFormer ``object_detection/configs``):
-AdamW (lr 1e-4; weight decay 0.05 for Mask R-CNN, 1e-4 for RetinaNet; none on norms and biases), linear warmup over
-500 iterations from 0.001 x lr, then step decay x0.1 at epochs 8 and 11 of 12 (the 1x schedule; 3x = 36 epochs,
-steps at 27 and 33), stepped every iteration; gradient clipping and mixed precision come from the Trainer. The
-backbone gets a LayerNorm per output level and (optionally) frozen BatchNorm, as the papers' detection backbones do.
+The recipe is the one the BiFormer and DaViT papers used through mmdetection 2.x (BiFormer ``object_detection/configs``,
+field by field in ``configs/coco/*.yaml``): AdamW (lr 1e-4; weight decay 0.05 for Mask R-CNN with none on parameters
+whose name matches ``no_weight_decay``, 1e-4 on every parameter for RetinaNet: ``tasks/param_groups.py``), mmcv's
+linear warmup over 500 iterations from 0.001 x lr, then x0.1 at epochs 8 and 11 of 12 counted from the start (the 1x
+schedule; 3x = 36 epochs, steps at 27 and 33), stepped every iteration (``tasks/lr_schedules.py``); gradient clipping
+and mixed precision come from the Trainer. The backbone gets a LayerNorm per output level and BatchNorm statistics
+fixed in training (``norm_eval``), as BiFormer's detection backbone has.
 
 Validation runs the official COCO evaluator on the dataset's annotation file (``tasks/coco_evaluation.py``), with
 every image evaluated once across DDP ranks; ``predict`` writes a COCO results JSON.
@@ -17,10 +19,10 @@ from typing import Any
 
 import lightning.pytorch as L
 import timm
-from timm.optim import create_optimizer_v2
-from timm.scheduler import MultiStepLRScheduler
 from torch import Tensor, nn
 from torch.optim import Optimizer
+
+from datamodules.decode import excluded_samples
 
 from .backbone import ConfigError
 from .checkpoint_loading import pretrained_file_errors
@@ -28,8 +30,10 @@ from .coco_evaluation import CocoEvaluator, detections_to_coco
 from .config_checks import backbone_errors
 from .export import backbone_from_features
 from .heads.detectors import DETECTORS, build_detector
+from .lr_schedules import MMCVLrSchedule, optimizer_steps_per_epoch
+from .param_groups import create_adamw
 from .prediction_writer import CocoPredictionWriter
-from .training_health import NonFiniteLossGuard
+from .training_health import ExcludedImages, NonFiniteLossGuard
 
 __all__ = ["DetectionTask"]
 
@@ -52,16 +56,24 @@ class DetectionTask(L.LightningModule):
         out_indices: backbone levels for the FPN; None: 1-3 for RetinaNet, 0-3 for Mask R-CNN.
         fpn_channels: FPN width (256 in the papers).
         level_norm: LayerNorm on every backbone output level.
-        freeze_bn: frozen BatchNorm in the backbone (mmdet ``norm_eval``).
+        norm_eval: BatchNorm layers of the backbone in eval mode while training: running statistics fixed, affine
+            parameters trained (mmdet ``norm_eval=True``, BiFormer's ``BiFormer_mm`` default).
+        freeze_bn: frozen BatchNorm in the backbone: statistics and affine parameters fixed (torchvision's
+            ``FrozenBatchNorm2d``; stricter than ``norm_eval``).
         frozen_stages: backbone levels kept frozen (-1: none).
-        detector_kwargs: torchvision detector kwargs (``min_size`` is ignored: the datamodule resizes).
+        detector_kwargs: torchvision detector kwargs over mmdet's defaults (``tasks/heads/detectors.py``
+            ``MMDET_DEFAULTS``; ``min_size`` is ignored: the datamodule resizes).
         roi_head_width: Mask R-CNN head width (None: the papers' 256-channel mask convs and 1024-d box MLP).
         lr: AdamW learning rate.
-        weight_decay: AdamW weight decay (not on norms and biases).
+        weight_decay: AdamW weight decay.
+        no_weight_decay: parameter-name patterns exempt from weight decay (mmcv's ``custom_keys`` with
+            ``decay_mult=0``, regular expressions searched in the name; ``[]``: decay everything); None: timm's rule
+            (no decay on norms, biases and ``no_weight_decay()``).
         betas: AdamW betas.
         warmup_iters: linear warmup length in iterations.
-        warmup_ratio: warmup starts at ``warmup_ratio * lr``.
-        lr_steps: epochs after which the learning rate is multiplied by ``lr_decay``.
+        warmup_ratio: warmup starts at ``warmup_ratio * lr`` (mmcv's linear warmup).
+        lr_steps: epochs, counted from the start of training, after which the learning rate is multiplied by
+            ``lr_decay`` (mmdet ``policy='step'``).
         lr_decay: step decay factor.
         monitor: metric that selects ``best.ckpt`` (``val/bbox_AP`` or ``val/segm_AP``).
         max_nonfinite_steps: training steps with a non-finite loss that are skipped before the run stops
@@ -80,12 +92,14 @@ class DetectionTask(L.LightningModule):
         out_indices: Sequence[int] | None = None,
         fpn_channels: int = 256,
         level_norm: bool = True,
+        norm_eval: bool = False,
         freeze_bn: bool = False,
         frozen_stages: int = -1,
         detector_kwargs: dict[str, Any] | None = None,
         roi_head_width: int | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.05,
+        no_weight_decay: list[str] | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_iters: int = 500,
         warmup_ratio: float = 0.001,
@@ -120,6 +134,7 @@ class DetectionTask(L.LightningModule):
                 out_indices=out_indices,
                 fpn_channels=fpn_channels,
                 level_norm=level_norm,
+                norm_eval=norm_eval,
                 freeze_bn=freeze_bn,
                 frozen_stages=frozen_stages,
                 backbone_kwargs=kwargs,
@@ -130,6 +145,7 @@ class DetectionTask(L.LightningModule):
         self.iou_types = ("bbox", "segm") if detector == "maskrcnn" else ("bbox",)
         self.monitor = monitor
         self.evaluator: CocoEvaluator | None = None
+        self.excluded_images = ExcludedImages()
 
     def forward(self, images: list[Tensor], output_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict]:
         """Detections per image; boxes/masks at ``output_sizes`` (the original image sizes) when given."""
@@ -162,7 +178,9 @@ class DetectionTask(L.LightningModule):
         return list(ids)
 
     def _coco_records(self, batch: Batch) -> tuple[list[dict], list[int]]:
-        images, targets = batch
+        images, targets = batch[0], batch[1]
+        if not images:
+            return [], []  # NOTE: every image of the batch was excluded (data.eval_undecodable: exclude)
         detections = self(images, output_sizes=[tuple(t["orig_size"]) for t in targets])
         ids = self._category_ids()
         records = [r for d, t in zip(detections, targets) for r in detections_to_coco(d, int(t["image_id"]), ids)]
@@ -177,13 +195,15 @@ class DetectionTask(L.LightningModule):
         self.evaluator.reset()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self.evaluator.update(*self._coco_records(batch))
+        self.excluded_images.update(batch)
+        self.evaluator.update(*self._coco_records(batch), [int(e.key) for e in excluded_samples(batch)])
 
     def on_validation_epoch_end(self) -> None:
         self.evaluator.gather()
         stats = self.evaluator.compute()  # the same on every rank after the gather
         for name, value in stats.items():
             self.log(f"val/{name}", value, prog_bar=name in ("bbox_AP", "segm_AP"), sync_dist=False)
+        self.excluded_images.log_and_reset(self, "val")
 
     on_test_epoch_start = on_validation_epoch_start
     test_step = validation_step
@@ -192,6 +212,7 @@ class DetectionTask(L.LightningModule):
         self.evaluator.gather()
         for name, value in self.evaluator.compute().items():
             self.log(f"test/{name}", value, sync_dist=False)
+        self.excluded_images.log_and_reset(self, "test")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
         records, image_ids = self._coco_records(batch)
@@ -204,22 +225,27 @@ class DetectionTask(L.LightningModule):
     # ----- optimisation -----
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = create_optimizer_v2(
-            self.model, opt="adamw", lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas)
+        optimizer = create_adamw(
+            self.model,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            betas=tuple(hp.betas),
+            no_weight_decay=hp.no_weight_decay,
         )
         total_steps = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
-        scheduler = MultiStepLRScheduler(
+        scheduler = MMCVLrSchedule(
             optimizer,
-            decay_t=[int(e) * steps_per_epoch for e in hp.lr_steps],
-            decay_rate=hp.lr_decay,
-            warmup_t=hp.warmup_iters,
-            warmup_lr_init=hp.lr * hp.warmup_ratio,
-            t_in_epochs=False,
+            "step",
+            total_steps,
+            warmup_iters=hp.warmup_iters,
+            warmup_ratio=hp.warmup_ratio,
+            milestones=hp.lr_steps,
+            gamma=hp.lr_decay,
+            steps_per_epoch=optimizer_steps_per_epoch(self.trainer),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def lr_scheduler_step(self, scheduler: MultiStepLRScheduler, metric: Any) -> None:
+    def lr_scheduler_step(self, scheduler: MMCVLrSchedule, metric: Any) -> None:
         scheduler.step_update(num_updates=self.global_step)
 
     def export_module(self) -> nn.Module:

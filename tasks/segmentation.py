@@ -1,9 +1,11 @@
 """Semantic segmentation: UperNet or Semantic FPN on any timm backbone, the BiFormer paper's ADE20K recipes.
 
-Recipes (BiFormer ``semantic_segmentation/configs/ade20k``, mmsegmentation): UperNet 160k - AdamW lr 6e-5, weight
-decay 0.01, poly decay (power 1) after 1500 linear warmup iterations, auxiliary FCN head on stage 3 with loss weight
-0.4; Semantic FPN 80k - AdamW lr 2e-4, weight decay 1e-4, cosine after 1000 warmup iterations. Both step every
-iteration, no weight decay on norms and biases; mixed precision comes from the Trainer.
+Recipes (BiFormer ``semantic_segmentation/configs/ade20k``, mmsegmentation 0.x; field by field in
+``configs/ade20k/*.yaml``): UperNet 160k - AdamW lr 6e-5, weight decay 0.01 except on parameters whose name matches
+``norm``, poly decay (power 1, floor 0) with mmcv's linear warmup over 1500 iterations from 1e-6 x lr, auxiliary FCN
+head on stage 3 with loss weight 0.4; Semantic FPN 80k - AdamW lr 2e-4, weight decay 1e-4 on every parameter, cosine
+annealing to 1e-8 x lr with linear warmup over 1000 iterations from 0.1 x lr. Both step every iteration
+(``tasks/lr_schedules.py``); mixed precision comes from the Trainer.
 
 Evaluation resizes the logits to each image's original size and accumulates one confusion matrix over the whole
 validation set (``tasks/segmentation_metrics.py``): mIoU, mAcc, aAcc as the benchmark computes them, exact under DDP.
@@ -19,8 +21,6 @@ import lightning.pytorch as L
 import timm
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -29,9 +29,11 @@ from .checkpoint_loading import pretrained_file_errors
 from .config_checks import backbone_errors
 from .export import backbone_from_features
 from .heads.segmentation_heads import FCNHead, SemanticFPNHead, UperNetHead
+from .lr_schedules import MMCVLrSchedule
+from .param_groups import create_adamw
 from .prediction_writer import SegmentationPredictionWriter
 from .segmentation_metrics import SegmentationMetrics
-from .training_health import NonFiniteLossGuard
+from .training_health import ExcludedImages, NonFiniteLossGuard
 
 __all__ = ["SegmentationTask", "slide_inference"]
 
@@ -110,13 +112,19 @@ class SegmentationTask(L.LightningModule):
         level_norm: LayerNorm on every backbone level.
         ignore_index: label ignored by the loss and the metrics.
         lr: AdamW learning rate.
-        weight_decay: AdamW weight decay (not on norms and biases).
+        weight_decay: AdamW weight decay.
+        no_weight_decay: parameter-name patterns exempt from weight decay (mmcv's ``custom_keys`` with
+            ``decay_mult=0``, regular expressions searched in the name; ``[]``: decay everything); None: timm's rule
+            (no decay on norms, biases and ``no_weight_decay()``).
         betas: AdamW betas.
-        schedule: ``"poly"`` (power ``poly_power``) or ``"cosine"``, after linear warmup; stepped per iteration.
+        schedule: ``"poly"`` (power ``poly_power``) or ``"cosine"`` (mmcv ``CosineAnnealing``), with mmcv's linear
+            warmup; stepped per iteration (``tasks/lr_schedules.py``).
         poly_power: exponent of the poly decay.
         warmup_iters: warmup length in iterations.
-        warmup_ratio: warmup starts at ``warmup_ratio * lr``.
+        warmup_ratio: warmup starts at ``warmup_ratio`` times the scheduled rate.
         min_lr: final learning rate.
+        min_lr_ratio: cosine only: final learning rate as a fraction of ``lr`` (overrides ``min_lr``; mmcv's
+            ``min_lr_ratio``).
         inference: ``"whole"`` or ``"slide"``.
         slide_crop: sliding-window crop size.
         slide_stride: sliding-window stride.
@@ -142,12 +150,14 @@ class SegmentationTask(L.LightningModule):
         ignore_index: int = 255,
         lr: float = 6e-5,
         weight_decay: float = 0.01,
+        no_weight_decay: list[str] | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         schedule: str = "poly",
         poly_power: float = 1.0,
         warmup_iters: int = 1500,
         warmup_ratio: float = 1e-6,
         min_lr: float = 0.0,
+        min_lr_ratio: float | None = None,
         inference: str = "whole",
         slide_crop: int = 512,
         slide_stride: int = 341,
@@ -175,6 +185,7 @@ class SegmentationTask(L.LightningModule):
             self.model = SegmentationNet(backbone, num_classes, head, head_channels, aux, level_norm, **kwargs)
         self.nonfinite_guard = NonFiniteLossGuard(max_nonfinite_steps)
         self.metrics = SegmentationMetrics(num_classes, ignore_index)
+        self.excluded_images = ExcludedImages()
         self.monitor = "val/mIoU"
 
     def forward(self, images: Tensor) -> Tensor:
@@ -220,7 +231,8 @@ class SegmentationTask(L.LightningModule):
         return F.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False).argmax(1)
 
     def validation_step(self, batch: tuple, batch_idx: int) -> None:
-        images, masks = batch[0], batch[1]
+        images, masks = batch[0], batch[1]  # NOTE: excluded images are not in them (no confusion-matrix update)
+        self.excluded_images.update(batch)
         for i in range(len(images)):
             target = masks[i]
             self.metrics.update(self._predict_original_size(images[i : i + 1], target.shape[-2:])[0], target)
@@ -230,6 +242,7 @@ class SegmentationTask(L.LightningModule):
         self.metrics.reset()
         for name in ("mIoU", "mAcc", "aAcc"):
             self.log(f"val/{name}", stats[name], prog_bar=name == "mIoU", sync_dist=False)
+        self.excluded_images.log_and_reset(self, "val")
 
     test_step = validation_step
 
@@ -238,9 +251,10 @@ class SegmentationTask(L.LightningModule):
         self.metrics.reset()
         for name in ("mIoU", "mAcc", "aAcc"):
             self.log(f"test/{name}", stats[name], sync_dist=False)
+        self.excluded_images.log_and_reset(self, "test")
 
     def predict_step(self, batch: tuple, batch_idx: int) -> dict[str, Any]:
-        images, _, metas = batch
+        images, metas = batch[0], batch[2]
         preds = [
             self._predict_original_size(images[i : i + 1], meta["orig_size"])[0].cpu() for i, meta in enumerate(metas)
         ]
@@ -252,15 +266,23 @@ class SegmentationTask(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = create_optimizer_v2(
-            self.model, opt="adamw", lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas)
+        optimizer = create_adamw(
+            self.model,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            betas=tuple(hp.betas),
+            no_weight_decay=hp.no_weight_decay,
         )
-        total = int(self.trainer.estimated_stepping_batches)
-        common = dict(warmup_t=hp.warmup_iters, warmup_lr_init=hp.lr * hp.warmup_ratio, t_in_epochs=False)
-        if hp.schedule == "poly":
-            scheduler = PolyLRScheduler(optimizer, t_initial=total, power=hp.poly_power, lr_min=hp.min_lr, **common)
-        else:
-            scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=hp.min_lr, **common)
+        scheduler = MMCVLrSchedule(
+            optimizer,
+            hp.schedule,
+            int(self.trainer.estimated_stepping_batches),
+            warmup_iters=hp.warmup_iters,
+            warmup_ratio=hp.warmup_ratio,
+            power=hp.poly_power,
+            min_lr=hp.min_lr,
+            min_lr_ratio=hp.min_lr_ratio,
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:

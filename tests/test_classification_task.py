@@ -26,6 +26,7 @@ def _batch(n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
 def _fake_trainer(task: ClassificationTask, *, steps: int, epochs: int, batch: int, world: int = 1, accum: int = 1):
     trainer = SimpleNamespace(
         estimated_stepping_batches=steps,
+        num_training_batches=steps * accum // epochs,
         max_epochs=epochs,
         world_size=world,
         accumulate_grad_batches=accum,

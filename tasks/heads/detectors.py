@@ -1,9 +1,18 @@
-"""torchvision's RetinaNet and Mask R-CNN on a :class:`~tasks.heads.feature_pyramid.TimmFeaturePyramid`.
+"""torchvision's RetinaNet and Mask R-CNN on a :class:`~tasks.heads.feature_pyramid.TimmFeaturePyramid`, set up as
+mmdetection 2.x's ``retinanet_r50_fpn`` / ``mask_rcnn_r50_fpn`` (the bases of BiFormer's COCO configs).
 
-The detectors are torchvision's, unchanged. Only their input transform is replaced: in Strata the datamodule owns
-resizing (albumentations, the same pipeline for boxes and masks), so the model must not resize again; it still
-normalises with the backbone's mean/std and pads the batch to a multiple of 32. Predictions come back in the
-coordinates of the original image files, whose sizes the task passes with :meth:`DatamoduleSizedTransform.output_sizes`.
+The detectors are torchvision's. Replaced around them, where torchvision cannot be configured to mmdet's behaviour:
+
+- the input transform: in Strata the datamodule owns resizing (albumentations, the same pipeline for boxes and
+  masks), so the model must not resize again; it still normalises with the backbone's mean/std and pads the batch to
+  a multiple of 32. Predictions come back in the coordinates of the original image files, whose sizes the task passes
+  with :meth:`DatamoduleSizedTransform.output_sizes`;
+- Mask R-CNN's RoI pooling: mmdet's ``SingleRoIExtractor`` (:class:`RoIExtractor`: mmcv's RoIAlign with
+  ``aligned=True`` and adaptive sampling, level ``floor(log2(sqrt(w h) / 56))``), where torchvision's
+  ``MultiScaleRoIAlign`` hard-codes ``aligned=False`` and samples 2 points per bin;
+- RetinaNet's classes, loss normalisation and anchor sizes: ``tasks/heads/retinanet.py``.
+
+Defaults are mmdet's ``train_cfg``/``test_cfg`` values (``MMDET_DEFAULTS``), not torchvision's.
 """
 
 from __future__ import annotations
@@ -12,17 +21,103 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
-from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from .feature_pyramid import TimmFeaturePyramid
+from .retinanet import ForegroundRetinaNet
 
-__all__ = ["DETECTORS", "DatamoduleSizedTransform", "build_detector"]
+__all__ = ["DETECTORS", "MMDET_DEFAULTS", "DatamoduleSizedTransform", "RoIExtractor", "build_detector"]
 
 DETECTORS = ("retinanet", "maskrcnn")
+
+# NOTE: mmdet 2.x retinanet_r50_fpn.py / mask_rcnn_r50_fpn.py train_cfg and test_cfg, in torchvision's argument names
+MMDET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "retinanet": {
+        "fg_iou_thresh": 0.5,  # assigner pos_iou_thr
+        "bg_iou_thresh": 0.4,  # assigner neg_iou_thr
+        "topk_candidates": 1000,  # test nms_pre
+        "score_thresh": 0.05,  # test score_thr
+        "nms_thresh": 0.5,  # test nms iou_threshold
+        "detections_per_img": 100,  # test max_per_img (torchvision: 300)
+    },
+    "maskrcnn": {
+        "rpn_fg_iou_thresh": 0.7,
+        "rpn_bg_iou_thresh": 0.3,
+        "rpn_batch_size_per_image": 256,
+        "rpn_positive_fraction": 0.5,
+        "rpn_pre_nms_top_n_train": 2000,  # rpn_proposal nms_pre
+        "rpn_post_nms_top_n_train": 1000,  # rpn_proposal max_per_img (torchvision: 2000)
+        "rpn_pre_nms_top_n_test": 1000,
+        "rpn_post_nms_top_n_test": 1000,
+        "rpn_nms_thresh": 0.7,
+        "box_fg_iou_thresh": 0.5,
+        "box_bg_iou_thresh": 0.5,
+        "box_batch_size_per_image": 512,
+        "box_positive_fraction": 0.25,
+        "box_score_thresh": 0.05,
+        "box_nms_thresh": 0.5,
+        "box_detections_per_img": 100,
+    },
+}
+
+
+class RoIExtractor(MultiScaleRoIAlign):
+    """RoI features from a feature pyramid as mmdetection's ``SingleRoIExtractor`` with mmcv's ``RoIAlign``.
+
+    FPN paper (Lin et al., arXiv 1612.03144, eq. 1) in mmdet's form: a box of size ``w x h`` is pooled from level
+    ``l = clamp(floor(log2(sqrt(w h) / finest_scale + 1e-6)), 0, L - 1)`` by RoIAlign (He et al., arXiv 1703.06870)
+    at ``spatial_scale = 1 / stride_l`` with ``aligned=True`` (pixel centres at +0.5, mmcv's default) and
+    ``sampling_ratio=0`` (adaptive: ``ceil(roi_size / output_size)`` points per bin). Called as torchvision's
+    ``MultiScaleRoIAlign`` (whose subclass it is, so torchvision's detectors accept it): ``(features: dict,
+    boxes: list[(N_i, 4)], image_shapes) -> (sum N_i, C, S, S)``.
+
+    Args:
+        featmap_names: the pyramid levels pooled from, finest first.
+        output_size: ``S`` (7 for boxes, 14 for masks).
+        strides: the stride of each level.
+        sampling_ratio: points per bin side (0: adaptive).
+        finest_scale: box scale mapped to the finest level (mmdet: 56).
+    """
+
+    def __init__(
+        self,
+        featmap_names: Sequence[str],
+        output_size: int,
+        strides: Sequence[int],
+        sampling_ratio: int = 0,
+        finest_scale: float = 56.0,
+    ) -> None:
+        if len(featmap_names) != len(strides):
+            raise ValueError(f"{len(featmap_names)} feature maps but {len(strides)} strides")
+        super().__init__(list(featmap_names), int(output_size), int(sampling_ratio))
+        self.strides = [int(s) for s in strides]
+        self.finest_scale = float(finest_scale)
+
+    def roi_levels(self, rois: Tensor) -> Tensor:
+        """The pyramid level of each ``(N, 5)`` RoI ``(batch index, x1, y1, x2, y2)``."""
+        scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
+        levels = torch.floor(torch.log2(scale / self.finest_scale + 1e-6))
+        return levels.clamp(min=0, max=len(self.strides) - 1).long()
+
+    def forward(  # type: ignore[override]
+        self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> Tensor:
+        feats = [features[name] for name in self.featmap_names]
+        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)], dim=0)
+        out = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
+        levels = self.roi_levels(rois)
+        for level, (feat, stride) in enumerate(zip(feats, self.strides)):
+            index = torch.where(levels == level)[0]
+            if len(index):
+                pooled = roi_align(feat, rois[index], self.output_size, 1.0 / stride, self.sampling_ratio, aligned=True)
+                out[index] = pooled.to(out.dtype)
+        return out
 
 
 class DatamoduleSizedTransform(GeneralizedRCNNTransform):
@@ -71,6 +166,7 @@ def build_detector(
     out_indices: Sequence[int] | None = None,
     fpn_channels: int = 256,
     level_norm: bool = True,
+    norm_eval: bool = False,
     freeze_bn: bool = False,
     frozen_stages: int = -1,
     backbone_kwargs: dict[str, Any] | None = None,
@@ -79,8 +175,10 @@ def build_detector(
 ) -> nn.Module:
     """RetinaNet (arXiv 1708.02002) or Mask R-CNN (arXiv 1703.06870) for ``num_classes`` foreground classes.
 
-    Labels are ``1..num_classes`` (0 is background), so the heads get ``num_classes + 1`` outputs. RetinaNet uses
-    levels 1-3 (strides 8-32) with P6/P7 (the papers' ``start_level=1``), Mask R-CNN levels 0-3 with a max-pooled P6.
+    Labels are ``1..num_classes``: Mask R-CNN's softmax heads get ``num_classes + 1`` outputs (0 is background),
+    RetinaNet's sigmoid head ``num_classes`` (``tasks/heads/retinanet.py``). RetinaNet uses levels 1-3 (strides 8-32)
+    with P6/P7 on C5 (the papers' ``start_level=1``, ``add_extra_convs='on_input'``), Mask R-CNN levels 0-3 with a
+    max-pooled P6 and :class:`RoIExtractor` pooling. ``detector_kwargs`` override ``MMDET_DEFAULTS``.
 
     Args:
         detector: ``"retinanet"`` or ``"maskrcnn"``.
@@ -91,7 +189,8 @@ def build_detector(
         out_indices: backbone levels for the FPN; None for the detector's default.
         fpn_channels: FPN width.
         level_norm: ``LayerNorm2d`` per backbone level before the FPN.
-        freeze_bn: frozen BatchNorm in the backbone.
+        norm_eval: BatchNorm statistics of the backbone fixed in training (mmdet ``norm_eval``).
+        freeze_bn: frozen BatchNorm in the backbone (statistics and affine).
         frozen_stages: backbone levels frozen (-1: none).
         backbone_kwargs: ``timm.create_model`` kwargs.
         detector_kwargs: torchvision detector kwargs (``score_thresh``, ``detections_per_img``, anchor generator...).
@@ -107,21 +206,28 @@ def build_detector(
         out_channels=fpn_channels,
         extra_blocks="p6p7" if retina else "maxpool",
         level_norm=level_norm,
+        norm_eval=norm_eval,
         freeze_bn=freeze_bn,
         frozen_stages=frozen_stages,
         **(backbone_kwargs or {}),
     )
-    kwargs = dict(detector_kwargs or {})
-    if roi_head_width is not None and not retina:
-        width, classes, pooled = roi_head_width, num_classes + 1, fpn_channels * 7 * 7
-        kwargs.update(
-            box_head=TwoMLPHead(pooled, 4 * width),
-            box_predictor=FastRCNNPredictor(4 * width, classes),
-            mask_head=MaskRCNNHeads(fpn_channels, [width] * 4, 1),
-            mask_predictor=MaskRCNNPredictor(width, width, classes),
-        )
-    model = (RetinaNet if retina else MaskRCNN)(
-        pyramid, num_classes=None if "box_predictor" in kwargs else num_classes + 1, **kwargs
-    )
+    kwargs = {**MMDET_DEFAULTS[detector], **(detector_kwargs or {})}
+    if retina:
+        model: nn.Module = ForegroundRetinaNet(pyramid, num_classes=num_classes, **kwargs)
+    else:
+        reductions = pyramid.body.feature_info.reduction()
+        strides = [int(r) for r in reductions]
+        names = [str(i) for i in range(len(strides))]
+        kwargs.setdefault("box_roi_pool", RoIExtractor(names, 7, strides))
+        kwargs.setdefault("mask_roi_pool", RoIExtractor(names, 14, strides))
+        if roi_head_width is not None:
+            width, classes, pooled = roi_head_width, num_classes + 1, fpn_channels * 7 * 7
+            kwargs.update(
+                box_head=TwoMLPHead(pooled, 4 * width),
+                box_predictor=FastRCNNPredictor(4 * width, classes),
+                mask_head=MaskRCNNHeads(fpn_channels, [width] * 4, 1),
+                mask_predictor=MaskRCNNPredictor(width, width, classes),
+            )
+        model = MaskRCNN(pyramid, num_classes=None if "box_predictor" in kwargs else num_classes + 1, **kwargs)
     model.transform = DatamoduleSizedTransform(image_mean, image_std)
     return model

@@ -2,8 +2,10 @@
 
 torchvision's ``BackboneWithFPN`` needs a torchvision ``IntermediateLayerGetter``; timm's ``features_only`` models
 already return the pyramid, so this wrapper only adds what the papers' detection backbones add on top: a norm per
-output level (BiFormer's ``extra_norms``, Swin/DaViT's ``norm{i}``), frozen BatchNorm and frozen early stages
-(mmdet's ``norm_eval`` / ``frozen_stages``), and torchvision's :class:`FeaturePyramidNetwork` with its extra levels.
+output level (BiFormer's ``extra_norms``, Swin/DaViT's ``norm{i}``), BatchNorm statistics kept fixed (mmdet's
+``norm_eval``), frozen BatchNorm and frozen early stages (``frozen_stages``), and torchvision's
+:class:`FeaturePyramidNetwork` initialised and extended as mmdetection 2.x's ``FPN`` (Xavier-uniform convs; RetinaNet's
+P6/P7 by ``add_extra_convs='on_input'``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,33 @@ import timm
 from timm.layers import LayerNorm2d, freeze_batch_norm_2d
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
-from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
-__all__ = ["TimmFeaturePyramid"]
+__all__ = ["ExtraLevelsOnInput", "TimmFeaturePyramid"]
 
 _EXTRA_BLOCKS = ("maxpool", "p6p7", "none")
+
+
+class ExtraLevelsOnInput(ExtraFPNBlock):
+    """RetinaNet's P6/P7 as mmdetection's ``FPN(add_extra_convs='on_input')`` (Lin et al., arXiv 1708.02002).
+
+    ``P6 = conv3x3_s2(C5)`` on the top backbone level (the FPN's input, not its output), ``P7 = conv3x3_s2(P6)`` with
+    no ReLU between them (mmdet's default ``relu_before_extra_convs=False``). torchvision's ``LastLevelP6P7`` differs
+    twice: it uses P5 whenever ``in_channels == out_channels`` and puts a ReLU before P7.
+
+    Args:
+        in_channels: channels of the top backbone level ``C5``.
+        out_channels: FPN width.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.p6 = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        self.p7 = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
+
+    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        p6 = self.p6(c[-1])
+        return [*p, p6, self.p7(p6)], [*names, "p6", "p7"]
 
 
 class TimmFeaturePyramid(nn.Module):
@@ -27,7 +51,9 @@ class TimmFeaturePyramid(nn.Module):
 
     ``C_i = norm_i(backbone(x)[i])`` for the selected levels; ``P = FPN(C)`` with lateral 1x1 convs, top-down nearest
     upsampling and 3x3 output convs, plus ``extra_blocks``: ``"maxpool"`` (a stride-2 max-pooled top level, Mask
-    R-CNN's ``pool``), ``"p6p7"`` (RetinaNet's P6/P7 from the top ``P``), or ``"none"``. Output: an ordered dict of
+    R-CNN's ``pool``), ``"p6p7"`` (RetinaNet's P6/P7 from the top backbone level, :class:`ExtraLevelsOnInput`), or
+    ``"none"``. Every FPN conv is Xavier-uniform initialised with zero bias (mmdet ``FPN.init_weights``; torchvision
+    uses Kaiming-uniform). Output: an ordered dict of
     ``(B, out_channels, H / s, W / s)`` maps, names ``"0", "1", ...`` then ``"pool"`` / ``"p6", "p7"``, which is
     what torchvision's detectors consume (``self.out_channels``).
 
@@ -37,6 +63,8 @@ class TimmFeaturePyramid(nn.Module):
         out_channels: FPN width.
         extra_blocks: extra pyramid levels, see above.
         level_norm: add a ``LayerNorm2d`` on every selected level before the FPN.
+        norm_eval: keep the backbone's BatchNorm layers in eval mode while training (running statistics fixed, affine
+            parameters trained): mmdet's ``norm_eval=True``, what BiFormer's detection backbone sets.
         freeze_bn: replace the backbone's BatchNorm by frozen BatchNorm (statistics and affine fixed).
         frozen_stages: freeze the backbone up to and including level ``frozen_stages`` (-1: nothing frozen).
         backbone_kwargs: passed to ``timm.create_model`` (``pretrained``, ``drop_path_rate``, ``n_win``, ...).
@@ -49,6 +77,7 @@ class TimmFeaturePyramid(nn.Module):
         out_channels: int = 256,
         extra_blocks: str = "maxpool",
         level_norm: bool = True,
+        norm_eval: bool = False,
         freeze_bn: bool = False,
         frozen_stages: int = -1,
         **backbone_kwargs: Any,
@@ -63,9 +92,14 @@ class TimmFeaturePyramid(nn.Module):
         if extra_blocks == "maxpool":
             extra = LastLevelMaxPool()
         elif extra_blocks == "p6p7":
-            extra = LastLevelP6P7(out_channels, out_channels)
+            extra = ExtraLevelsOnInput(channels[-1], out_channels)
         self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=extra)
+        for module in self.fpn.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
         self.out_channels = out_channels
+        self.norm_eval = norm_eval
         if freeze_bn:
             self.body = freeze_batch_norm_2d(self.body)
         self.frozen_stages = frozen_stages
@@ -91,6 +125,10 @@ class TimmFeaturePyramid(nn.Module):
 
     def train(self, mode: bool = True) -> TimmFeaturePyramid:
         super().train(mode)
+        if mode and self.norm_eval:
+            for module in self.body.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         if self.frozen_stages >= 0:  # frozen stages keep their norm statistics (mmdet's norm_eval for them)
             for name, module in self.body.named_children():
                 if any(p.startswith(f"{name}.") for p in self._frozen):
