@@ -35,10 +35,11 @@ _PAD_FILL = (124.0, 116.0, 104.0)
 class KeepRatioResize(A.DualTransform):
     """Aspect-preserving resize into a (long, short) budget: mmdetection's ``Resize(keep_ratio=True)``.
 
-    "MMDetection: Open MMLab Detection Toolbox and Benchmark" (Chen et al., arXiv 1906.07155):
-    ``scale = r * min(long_max / max(H, W), short_max / min(H, W))``, output ``(round(H * scale), round(W * scale))``.
-    ``short_max`` may be a list, one value drawn per image (the multi-scale training of DETR/mmdet); ``r`` is drawn
-    uniformly from ``ratio_range`` (large-scale jitter; else 1).
+    "MMDetection: Open MMLab Detection Toolbox and Benchmark" (Chen et al., arXiv 1906.07155), with mmcv 1.x's
+    arithmetic (``random_sample_ratio`` then ``imrescale``): ``scale = min(int(r * long_max) / max(H, W),
+    int(r * short_max) / min(H, W))``, output ``(int(H * scale + 0.5), int(W * scale + 0.5))``. ``short_max`` may be a
+    list, one value drawn per image (the multi-scale training of DETR/mmdet); ``r`` is drawn uniformly from
+    ``ratio_range`` (mmseg's random rescale, large-scale jitter; else 1).
     Image ``(H, W, C)`` bilinear, masks ``(H, W)`` nearest; boxes are scale-invariant in albumentations' normalised
     coordinates. The chosen ``scale`` and ``resized_hw`` are the transform's applied parameters.
 
@@ -70,8 +71,10 @@ class KeepRatioResize(A.DualTransform):
         height, width = params["shape"][:2]
         short = self.py_random.choice(self.short_max)
         ratio = self.py_random.uniform(*self.ratio_range)
-        scale = ratio * min(self.long_max / max(height, width), short / min(height, width))
-        return {"scale": scale, "resized_hw": (max(1, round(height * scale)), max(1, round(width * scale)))}
+        # NOTE: mmdet/mmseg's random_sample_ratio truncates the bounds, mmcv's _scale_size rounds half up
+        long_bound, short_bound = int(self.long_max * ratio), int(short * ratio)
+        scale = min(long_bound / max(height, width), short_bound / min(height, width))
+        return {"scale": scale, "resized_hw": (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))}
 
     def apply(self, img: np.ndarray, resized_hw: tuple[int, int], **params: Any) -> np.ndarray:
         return cv2.resize(img, resized_hw[::-1], interpolation=self.interpolation)

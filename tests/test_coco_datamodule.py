@@ -349,3 +349,26 @@ def test_data_problems_found_at_setup(coco_root: Path, tmp_path: Path) -> None:
 def test_bad_arguments_name_the_argument(coco_root: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         COCODataModule(root=str(coco_root), **kwargs)
+
+
+def _mmcv_rescaled_hw(height: int, width: int, long_max: int, short_max: int, ratio: float) -> tuple[int, int]:
+    """mmdet/mmseg ``Resize(keep_ratio=True)``: ``random_sample_ratio`` then mmcv 1.x ``rescale_size``."""
+    long_bound, short_bound = int(long_max * ratio), int(short_max * ratio)
+    factor = min(long_bound / max(height, width), short_bound / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def test_keep_ratio_resize_uses_mmcvs_arithmetic() -> None:
+    from datamodules.transforms import KeepRatioResize
+
+    rng = np.random.default_rng(0)
+    cases = [(5, 10, 5, 100, 1.0), (375, 500, 1333, 800, 1.0), (480, 640, 2048, 512, 0.73)]  # 2.5 rounds up to 3
+    cases += [
+        (int(rng.integers(20, 900)), int(rng.integers(20, 900)), 1333, 800, float(rng.uniform(0.5, 2.0)))
+        for _ in range(200)
+    ]
+    for height, width, long_max, short_max, ratio in cases:
+        resize = KeepRatioResize(long_max, short_max, ratio_range=(ratio, ratio))
+        params = resize.get_params_dependent_on_data({"shape": (height, width, 3)}, {})
+        assert params["resized_hw"] == _mmcv_rescaled_hw(height, width, long_max, short_max, ratio), (height, width)
+    assert _mmcv_rescaled_hw(5, 10, 5, 100, 1.0) == (3, 5)  # Python's round(2.5) would give 2
