@@ -136,7 +136,8 @@ def seeded_global_streams(seed: int) -> Iterator[None]:
 class SeededTimmTransform:
     """A timm transform (PIL image in, tensor out) with the call signature of the project's albumentations pipelines.
 
-    ``transform(image=array)["image"]`` converts the ``(H, W, 3)`` uint8 RGB array to a PIL image once and runs timm's
+    ``transform(image=image)["image"]`` takes an RGB PIL image (what ``ImageFolderDataset`` decodes) or an
+    ``(H, W, 3)`` uint8 RGB array (converted to PIL once) and runs timm's
     transform inside ``seeded_global_streams(s)``: timm draws from the global python ``random``, numpy and torch (CPU)
     generators, seeded with ``s`` for the call, and the caller's states come back afterwards, so the caller's streams
     never move (loading in the main process leaves the model's dropout masks alone). The first call after
@@ -177,8 +178,8 @@ class SeededTimmTransform:
         """``seeded_global_streams`` with the next call's seed: run timm's random steps inside it."""
         return seeded_global_streams(self.next_seed())
 
-    def __call__(self, *, image: np.ndarray) -> dict[str, torch.Tensor]:
-        pil = Image.fromarray(image)
+    def __call__(self, *, image: Image.Image | np.ndarray) -> dict[str, torch.Tensor]:
+        pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
         with self.random_streams():
             return {"image": self.transform(pil)}
 

@@ -51,6 +51,7 @@ __all__ = [
     "decode_or_exclude",
     "decode_or_replace",
     "decode_rgb",
+    "decode_rgb_image",
     "excluded_samples",
     "split_excluded",
     "to_rgb",
@@ -102,6 +103,25 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+def _decode(path: str | Path, convert: Callable[[Image.Image], T]) -> T:
+    """``convert`` of the fully decoded image at ``path``; an undecodable file is a ``DecodeError`` naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # NOTE: decode fully here, so a truncated file fails now and not inside a transform
+            return convert(image)
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        raise DecodeError(f"{path} ({size} bytes): {type(error).__name__}: {error}") from None
+
+
+def _checked(rgb: np.ndarray, path: str | Path) -> np.ndarray:
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
+        raise DecodeError(f"{path}: decoded to shape {rgb.shape}, not an (H, W, 3) image")
+    return rgb
+
+
 def decode_rgb(path: str | Path) -> np.ndarray:
     """Decode the image file at ``path`` to an ``(H, W, 3)`` uint8 RGB array.
 
@@ -109,18 +129,23 @@ def decode_rgb(path: str | Path) -> np.ndarray:
         FileNotFoundError: the file does not exist (a structural problem: the caller decides).
         DecodeError: the file exists but is not a decodable image; the message names the file and the cause.
     """
-    try:
-        with Image.open(path) as image:
-            image.load()  # NOTE: decode fully here, so a truncated file fails now and not inside a transform
-            rgb = to_rgb(image)
-    except FileNotFoundError:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-        size = os.path.getsize(path) if os.path.exists(path) else 0
-        raise DecodeError(f"{path} ({size} bytes): {type(error).__name__}: {error}") from None
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
-        raise DecodeError(f"{path}: decoded to shape {rgb.shape}, not an (H, W, 3) image")
-    return np.ascontiguousarray(rgb)
+    return np.ascontiguousarray(_checked(_decode(path, to_rgb), path))
+
+
+def decode_rgb_image(path: str | Path) -> Image.Image:
+    """``decode_rgb`` as an RGB PIL image, for PIL transforms (timm's): an RGB file is not copied through numpy.
+
+    Raises:
+        FileNotFoundError: the file does not exist (a structural problem: the caller decides).
+        DecodeError: the file exists but is not a decodable image; the message names the file and the cause.
+    """
+
+    def convert(image: Image.Image) -> Image.Image:
+        if image.mode == "RGB" and min(image.size) >= 1:
+            return image.copy()
+        return Image.fromarray(_checked(np.ascontiguousarray(to_rgb(image)), path))
+
+    return _decode(path, convert)
 
 
 class SkipCounter:

@@ -20,6 +20,7 @@ from .decode import (
     decode_or_exclude,
     decode_or_replace,
     decode_rgb,
+    decode_rgb_image,
     split_excluded,
 )
 from .errors import DataError
@@ -86,7 +87,8 @@ def read_class_names(path: Path, classes: Sequence[str]) -> list[str]:
 
 
 class ImageFolderDataset(Dataset):
-    """(path, label) samples decoded to RGB (``datamodules.decode``) and passed through an albumentations transform.
+    """(path, label) samples decoded to RGB PIL images (``datamodules.decode.decode_rgb_image``) and passed through a
+    transform called as ``transform(image=pil_image)["image"]`` (``datamodules.classification_transforms``).
 
     Returns ``(image CHW float tensor, label)``. A file that fails to decode (or vanished since the scan) is handled
     by ``undecodable``: ``"replace"`` (training) logs it, counts it in ``skip_counter`` and returns the next decodable
@@ -95,7 +97,7 @@ class ImageFolderDataset(Dataset):
 
     Args:
         samples: (path, class index) pairs.
-        transform: an albumentations pipeline returning a tensor ``image``.
+        transform: a seeded transform (``SeededTimmTransform``) returning a tensor ``image``.
         undecodable: ``"replace"`` (training), ``"error"`` or ``"exclude"`` (evaluation, never substituted).
     """
 
@@ -111,7 +113,7 @@ class ImageFolderDataset(Dataset):
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         try:
-            image = decode_rgb(path)
+            image = decode_rgb_image(path)
         except FileNotFoundError:
             raise DecodeError(f"{path}: the file disappeared after the dataset was scanned") from None
         return self.transform(image=image)["image"], label
@@ -122,7 +124,7 @@ class ImageFolderDataset(Dataset):
         return decode_or_exclude(self._load, index, index, self.undecodable)
 
     def reseed(self, seed: int) -> None:
-        """Reseed the transform's random generators (albumentations keeps its own, which forked workers share)."""
+        """Reseed the transform's random generators (the transform keeps its own, which forked workers share)."""
         if hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(seed)
 

@@ -29,6 +29,7 @@ __all__ = [
     "ResumableTrainLoaderMixin",
     "SeededSamples",
     "build_loader",
+    "distributed_world",
     "repeated_samples_per_rank",
     "sample_seed",
 ]
@@ -43,7 +44,8 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
 
 
-def _distributed_world() -> tuple[int, int]:
+def distributed_world() -> tuple[int, int]:
+    """``(world size, rank)`` of the initialised ``torch.distributed`` group, else ``(1, 0)``."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
     return 1, 0
@@ -89,7 +91,7 @@ class ResumableSampler(DistributedSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
-        world, this_rank = _distributed_world()
+        world, this_rank = distributed_world()
         world = world if num_replicas is None else num_replicas
         rank = this_rank if rank is None else rank
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
@@ -130,7 +132,7 @@ class ResumableSampler(DistributedSampler):
 class SeededSamples(Dataset):
     """Wraps a dataset: ``wrapped[(index, seed)]`` reseeds its transform with ``seed``, then returns ``dataset[index]``.
 
-    The wrapped dataset must have ``reseed(seed)`` (the project's datasets reseed their albumentations pipeline with
+    The wrapped dataset must have ``reseed(seed)`` (the project's datasets reseed their transform's generators with
     it); the global ``random``/``numpy``/``torch`` generators are left alone, so loading in the main process
     (``num_workers=0``) does not disturb the model's random stream.
     """
@@ -170,7 +172,7 @@ def build_loader(
     Either way the loader owns a generator seeded from ``seed``, so creating an iterator never draws from the global
     random stream (a resumed run would otherwise shift the model's dropout and drop-path masks).
     """
-    world, _ = _distributed_world()
+    world, _ = distributed_world()
     generator = torch.Generator().manual_seed(seed)
     if train:
         sampler: Any = ResumableSampler(dataset, seed, num_repeats=num_repeats)
@@ -193,7 +195,7 @@ def build_loader(
 
 def _shared_across_ranks(value: int) -> int:
     """Rank 0's ``value`` on every rank: the shuffle must be shared while each rank's random stream is its own."""
-    world, _ = _distributed_world()
+    world, _ = distributed_world()
     if world == 1:
         return value
     box = [value]

@@ -1,10 +1,10 @@
 """Data-pipeline comparison: JPEG decode + training augmentation, images/s of one worker, ours against timm's.
 
-Ours is what a training worker of ``datamodules.imagenet.ImageNetDataModule`` runs per sample: ``decode_rgb`` (PIL
-decode to an RGB array), ``set_random_seed`` with the sample's seed, then ``datamodules.classification_transforms.
-build_train_transform`` (timm's ``create_transform`` pipeline behind the array-to-PIL conversion and the swap of the
-global random states). The reference is timm's ``create_transform(is_training=True)`` (torchvision transforms on PIL
-images) after ``PIL.Image.open(...).convert("RGB")``, on the same files with the same recipe. ``max_abs_diff``
+Ours is what a training worker of ``datamodules.imagenet.ImageNetDataModule`` runs per sample: ``decode_rgb_image``
+(PIL decode to an RGB image, with the project's mode rules), ``set_random_seed`` with the sample's seed, then
+``datamodules.classification_transforms.build_train_transform`` (timm's ``create_transform`` pipeline behind the swap
+of the global random states). The reference is timm's ``create_transform(is_training=True)`` (torchvision transforms
+on PIL images) after ``PIL.Image.open(...).convert("RGB")``, on the same files with the same recipe. ``max_abs_diff``
 compares the two outputs on the first file, ours seeded with 0 and timm after seeding its global generators with 0
 (0.0: the same tensor). One worker is one process on one core: torch and OpenCV are limited to one thread. The two
 pipelines alternate image by image; a pass over the files gives one images/s figure per pipeline (process CPU time:
@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark_common import timer
 
 from datamodules.classification_transforms import build_train_transform, with_black_posterize
-from datamodules.image_folder import IMG_EXTENSIONS, decode_rgb
+from datamodules.decode import decode_rgb_image
+from datamodules.image_folder import IMG_EXTENSIONS
 
 __all__ = ["RECIPES", "compare_pipelines", "make_jpegs"]
 
@@ -90,7 +91,7 @@ def _pipelines(recipe: str) -> dict[str, Callable[[Path, int], torch.Tensor]]:
     timm_tf = with_black_posterize(create_transform(img_size, is_training=True, interpolation="bicubic", **timm_kwargs))
 
     def ours(path: Path, seed: int = 0) -> torch.Tensor:
-        image = decode_rgb(str(path))
+        image = decode_rgb_image(str(path))
         ours_tf.set_random_seed(seed)
         return ours_tf(image=image)["image"]
 

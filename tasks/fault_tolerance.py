@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from datamodules.loaders import distributed_world
+
 __all__ = ["Preemption", "RandomStateCheckpoint"]
 
 log = logging.getLogger(__name__)
@@ -120,12 +122,6 @@ def _restore_process_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
-
-
 class RandomStateCheckpoint(L.Callback):
     """Per-rank random streams: seeded ``seed + rank`` at the start of ``fit``, saved with every checkpoint, restored.
 
@@ -146,7 +142,7 @@ class RandomStateCheckpoint(L.Callback):
             os.environ["PL_GLOBAL_SEED"] = seed  # NOTE: the run's seed stays the one the config names
 
     def state_dict(self) -> dict[str, Any]:
-        world, _ = _world()
+        world, _ = distributed_world()
         states = [_process_state()]
         if world > 1:
             states = [None] * world
@@ -157,7 +153,7 @@ class RandomStateCheckpoint(L.Callback):
         if not state_dict:
             return
         states = state_dict.get("ranks", [state_dict])  # NOTE: checkpoints before per-rank streams held one
-        _, rank = _world()
+        _, rank = distributed_world()
         _restore_process_state(states[rank % len(states)])
         if rank >= len(states):
             log.warning(

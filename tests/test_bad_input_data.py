@@ -113,8 +113,8 @@ def test_skipped_samples_are_replaced_with_their_own_label_and_counted_across_wo
     bad = [(str(p), -1) for p in _broken_files(tmp_path / "bad").values()]
     samples = [good[0], bad[0], bad[1], good[1], bad[2], good[2], good[3], bad[3], good[4], bad[4], good[5]]
 
-    def transform(image: np.ndarray) -> dict:
-        return {"image": torch.from_numpy(image).permute(2, 0, 1).float()}
+    def transform(image: Image.Image) -> dict:
+        return {"image": torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()}
 
     dataset = ImageFolderDataset(samples, transform)
     labels = [label for batch in DataLoader(dataset, batch_size=3, num_workers=2) for label in batch[1].tolist()]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as L
+import numpy as np
 import pytest
 import torch
 
@@ -389,7 +390,7 @@ def test_an_excluded_image_returns_a_marker_and_the_default_raises(tmp_path: Pat
     bad.write_bytes(b"")
 
     def transform(image):
-        return {"image": torch.tensor(image).permute(2, 0, 1).float()}
+        return {"image": torch.tensor(np.asarray(image)).permute(2, 0, 1).float()}
 
     samples = [(str(good), 0), (str(bad), 1)]
     dataset = ImageFolderDataset(samples, transform, undecodable="exclude")
