@@ -327,6 +327,8 @@ class ADE20KDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningD
         hflip: training horizontal-flip probability.
         photometric: apply ``PhotoMetricDistortion`` in training.
         eval_short_side: short bound of the evaluation resize (long bound ``max(scale)``).
+        eval_size_divisor: also resize evaluation images to multiples of this (``AlignResize``, the Semantic FPN
+            recipe's 32); None keeps the keep-ratio size.
         mean: normalisation mean (RGB, 0-1 scale).
         std: normalisation std.
         batch_size: training images per device.
@@ -357,6 +359,7 @@ class ADE20KDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningD
         hflip: float = 0.5,
         photometric: bool = True,
         eval_short_side: int = 512,
+        eval_size_divisor: int | None = None,
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
         batch_size: int = 16,
@@ -371,6 +374,8 @@ class ADE20KDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningD
         self.save_hyperparameters()
         self.max_skipped_fraction = check_skipped_fraction(max_skipped_fraction)
         check_eval_undecodable(eval_undecodable)
+        if eval_size_divisor is not None and eval_size_divisor < 1:
+            raise ConfigError(f"data.eval_size_divisor {eval_size_divisor} must be >= 1 (or null), e.g. 32")
         _check_args(
             num_classes,
             crop_size,
@@ -425,6 +430,7 @@ class ADE20KDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningD
             hflip=hp.hflip,
             photometric=hp.photometric,
             eval_short_side=hp.eval_short_side,
+            eval_size_divisor=hp.eval_size_divisor,
             mean=tuple(hp.mean),
             std=tuple(hp.std),
         )

@@ -162,6 +162,32 @@ class PhotoMetricDistortion(A.ImageOnlyTransform):
         return ("brightness_delta", "contrast_range", "saturation_range", "hue_delta")
 
 
+class AlignResize(A.ImageOnlyTransform):
+    """The test-time ``AlignResize`` of BiFormer's / UniFormer's Semantic FPN configs
+    (``mmseg_custom/align_resize.py``): after the keep-ratio resize the image is resized once more, bilinearly, to
+    ``(ceil(H / d) d, ceil(W / d) d)``, so that both sides are multiples of ``d``.
+
+    Args:
+        size_divisor: ``d``.
+        p: probability of applying the transform.
+    """
+
+    def __init__(self, size_divisor: int = 32, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        self.size_divisor = int(size_divisor)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        height, width = img.shape[:2]
+        d = self.size_divisor
+        aligned = (-(-height // d) * d, -(-width // d) * d)
+        if aligned == (height, width):
+            return img
+        return cv2.resize(img, aligned[::-1], interpolation=cv2.INTER_LINEAR)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("size_divisor",)
+
+
 def build_segmentation_transform(
     *,
     train: bool,
@@ -172,6 +198,7 @@ def build_segmentation_transform(
     hflip: float = 0.5,
     photometric: bool = True,
     eval_short_side: int = 512,
+    eval_size_divisor: int | None = None,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> A.Compose:
@@ -179,13 +206,14 @@ def build_segmentation_transform(
 
     Train: keep-ratio resize into ``scale = (long, short)`` times ``r ~ U(ratio_range)`` (image bilinear, mask
     nearest) -> ``CatMaxRatioCrop`` -> horizontal flip -> ``PhotoMetricDistortion`` -> normalise -> pad bottom/right
-    to ``crop_size`` (image 0, mask 255). Eval: keep-ratio resize into ``(long, eval_short_side)`` -> normalise
-    (the caller leaves the mask out).
+    to ``crop_size`` (image 0, mask 255). Eval: keep-ratio resize into ``(long, eval_short_side)`` (-> ``AlignResize``
+    to multiples of ``eval_size_divisor`` when given) -> normalise (the caller leaves the mask out).
     """
     long_max = max(scale)
     normalize = A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)
     if not train:
-        return A.Compose([KeepRatioResize(long_max, eval_short_side), normalize])
+        align = [AlignResize(eval_size_divisor)] if eval_size_divisor else []
+        return A.Compose([KeepRatioResize(long_max, eval_short_side), *align, normalize])
     steps: list = [
         KeepRatioResize(long_max, min(scale), ratio_range=tuple(ratio_range)),
         CatMaxRatioCrop(crop_size, crop_size, cat_max_ratio=cat_max_ratio),

@@ -14,14 +14,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import roi_align
 
 import backbones  # noqa: F401  (registers the project's models)
 from tasks.coco_evaluation import detections_to_coco
 from tasks.detection import DetectionTask
-from tasks.heads.detectors import RoIExtractor
+from tasks.heads.anchors_and_assigners import ExactAnchorGenerator, MaxIoUAssigner
 from tasks.heads.feature_pyramid import ExtraLevelsOnInput
+from tasks.heads.mask_rcnn import L1RegionProposalNetwork, L1RoIHeads, RoIExtractor
 from tasks.heads.retinanet import ForegroundRetinaNet, PooledLossRetinaNetHead
 from tasks.lr_schedules import MMCVLrSchedule
 from tests.support.official_names import biformer_name_to_official
@@ -108,6 +111,14 @@ def test_maskrcnn_values_are_mmdets(maskrcnn: DetectionTask) -> None:
         assert isinstance(pool, RoIExtractor)
         assert (pool.output_size, pool.sampling_ratio, pool.strides) == ((size, size), 0, [4, 8, 16, 32])
     assert heads.box_head.fc6.out_features == heads.box_head.fc7.out_features == 1024
+    assert isinstance(rpn, L1RegionProposalNetwork) and isinstance(heads, L1RoIHeads)
+    assert (rpn.proposal_matcher.min_pos_iou, heads.proposal_matcher.min_pos_iou) == (0.3, 0.5)
+    assert isinstance(rpn.anchor_generator, ExactAnchorGenerator)
+    # mmdet's Shared2FCBBoxHead init: Xavier-uniform FCs, N(0, 0.01) classifier, N(0, 0.001) regressor
+    fc6 = heads.box_head.fc6.weight
+    assert fc6.abs().max() <= math.sqrt(6 / (fc6.shape[0] + fc6.shape[1])) and heads.box_head.fc6.bias.abs().max() == 0
+    assert heads.box_predictor.cls_score.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert heads.box_predictor.bbox_pred.weight.std().item() == pytest.approx(0.001, rel=0.05)
     assert model.backbone.fpn.extra_blocks.__class__.__name__ == "LastLevelMaxPool"
 
 
@@ -246,3 +257,128 @@ def test_retinanet_never_reports_the_background_label() -> None:
     images = [torch.rand(3, 64, 64)]
     losses = task.model(images, [{"boxes": torch.tensor([[4.0, 4, 40, 40]]), "labels": torch.tensor([3])}])
     assert torch.isfinite(sum(losses.values()))  # label K trains the last of the K outputs
+
+
+def _mmdet_base_anchors(size: float, ratios: list[float]) -> torch.Tensor:
+    """mmdet 2.x ``AnchorGenerator.gen_single_level_base_anchors`` (center_offset 0, one scale)."""
+    h_ratios = torch.sqrt(torch.tensor(ratios))
+    w_ratios = 1 / h_ratios
+    ws, hs = size * w_ratios, size * h_ratios
+    return torch.stack([-0.5 * ws, -0.5 * hs, 0.5 * ws, 0.5 * hs], dim=-1)
+
+
+def test_anchors_are_mmdets_not_rounded() -> None:
+    generator = ExactAnchorGenerator(((32.0,), (40.317,)), ((0.5, 1.0, 2.0),) * 2)
+    images = ImageList(torch.zeros(1, 3, 32, 32), [(32, 32)])
+    features = [torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 2, 2)]  # strides 8 and 16
+    anchors = generator(images, features)[0]
+    expected = []
+    for size, stride, side in ((32.0, 8, 4), (40.317, 16, 2)):
+        shifts = torch.tensor(
+            [[x * stride, y * stride] * 2 for y in range(side) for x in range(side)], dtype=torch.float
+        )
+        expected.append((shifts[:, None, :] + _mmdet_base_anchors(size, [0.5, 1.0, 2.0])[None]).reshape(-1, 4))
+    torch.testing.assert_close(anchors, torch.cat(expected))
+    assert anchors[0, 0].item() == pytest.approx(-0.5 * 32 / math.sqrt(0.5))  # 22.627, torchvision's rounds to 23
+
+
+def _mmdet_max_iou_assign(iou: torch.Tensor, pos: float, neg: float, min_pos: float) -> torch.Tensor:
+    """mmdet 2.x ``MaxIoUAssigner.assign_wrt_overlaps`` (gt_max_assign_all, match_low_quality) in torchvision's
+    codes: -1 background, -2 ignored, else the ground-truth index."""
+    assigned = torch.full((iou.shape[1],), -2, dtype=torch.long)
+    max_overlaps, argmax = iou.max(dim=0)
+    assigned[(max_overlaps >= 0) & (max_overlaps < neg)] = -1
+    assigned[max_overlaps >= pos] = argmax[max_overlaps >= pos]
+    gt_max = iou.max(dim=1).values
+    for i in range(iou.shape[0]):
+        if gt_max[i] >= min_pos:
+            assigned[iou[i] == gt_max[i]] = i
+    return assigned
+
+
+def test_assigner_is_mmdets_max_iou_assigner() -> None:
+    generator = torch.Generator().manual_seed(0)
+    differs_from_torchvision = 0
+    for _ in range(200):
+        iou = (torch.rand(4, 30, generator=generator) * 0.8).round(decimals=1)  # ties, best IoUs below 0.3 too
+        for pos, neg, min_pos in ((0.7, 0.3, 0.3), (0.5, 0.4, 0.0), (0.5, 0.5, 0.5)):
+            ours = MaxIoUAssigner(pos, neg, min_pos)(iou)
+            assert torch.equal(ours, _mmdet_max_iou_assign(iou, pos, neg, min_pos))
+            differs_from_torchvision += not torch.equal(ours, Matcher(pos, neg, allow_low_quality_matches=True)(iou))
+    assert differs_from_torchvision > 0
+
+
+def test_rpn_box_loss_is_l1_over_the_sampled_anchors(maskrcnn: DetectionTask) -> None:
+    rpn = maskrcnn.model.rpn
+    labels = [torch.tensor([1.0, 0.0, -1.0, 1.0, 0.0, 0.0])]
+    targets = [torch.randn(6, 4)]
+    deltas, objectness = torch.randn(6, 4), torch.randn(6, 1)
+    torch.manual_seed(0)
+    objectness_loss, box_loss = rpn.compute_loss(objectness, deltas, labels, targets)
+    sampled = [0, 1, 3, 4, 5]  # every positive and negative: fewer than 256
+    positive = [0, 3]
+    expected = (deltas[positive] - targets[0][positive]).abs().sum() / len(sampled)
+    torch.testing.assert_close(box_loss, expected)
+    expected_obj = torch.nn.functional.binary_cross_entropy_with_logits(objectness[sampled, 0], labels[0][sampled])
+    torch.testing.assert_close(objectness_loss, expected_obj)
+
+
+def test_rcnn_box_loss_is_l1_of_the_sampled_rois() -> None:
+    torch.manual_seed(0)
+    task = DetectionTask(
+        backbone="strata_hybrid_pico",
+        backbone_kwargs={"n_win": 2, "window_size": 2},
+        num_classes=3,
+        fpn_channels=16,
+        roi_head_width=16,
+    ).train()
+    heads = task.model.roi_heads
+    torch.nn.init.zeros_(heads.box_predictor.bbox_pred.weight)
+    torch.nn.init.zeros_(heads.box_predictor.bbox_pred.bias)  # deltas 0: the L1 loss is sum |t| / RoIs
+    images = [torch.rand(3, 64, 64)]
+    targets = [
+        {
+            "boxes": torch.tensor([[4.0, 4, 40, 40], [30, 20, 60, 50]]),
+            "labels": torch.tensor([1, 3]),
+            "masks": torch.zeros(2, 64, 64, dtype=torch.uint8),
+        }
+    ]
+    features = task.model.backbone(torch.stack(images))
+    proposals = [torch.tensor([[5.0, 5, 38, 41], [0, 0, 64, 64], [28, 22, 58, 52], [10, 40, 30, 60]])]
+    torch.manual_seed(1)
+    _, losses = heads(features, proposals, [(64, 64)], targets)
+    torch.manual_seed(1)
+    _, _, labels, regression = heads.select_training_samples(proposals, targets)  # the same samples again
+    labels_t, regression_t = torch.cat(labels), torch.cat(regression)
+    expected = regression_t[labels_t > 0].abs().sum() / labels_t.numel()
+    torch.testing.assert_close(losses["loss_box_reg"], expected)
+    smooth = (
+        torch.nn.functional.smooth_l1_loss(
+            torch.zeros_like(regression_t[labels_t > 0]), regression_t[labels_t > 0], beta=1 / 9, reduction="sum"
+        )
+        / labels_t.numel()
+    )
+    assert not torch.allclose(losses["loss_box_reg"], smooth)
+
+
+def test_retinanet_test_candidates_are_mmdets_top_anchors() -> None:
+    torch.manual_seed(0)
+    task = DetectionTask(
+        backbone="strata_hybrid_pico",
+        backbone_kwargs={"n_win": 2, "window_size": 2},
+        num_classes=2,
+        detector="retinanet",
+        fpn_channels=16,
+        detector_kwargs={"topk_candidates": 2, "score_thresh": 0.05},
+    )
+    model = task.model
+    # three anchors far apart (NMS keeps everything); scores per anchor (class 0, class 1)
+    probs = torch.tensor([[0.9, 0.8], [0.85, 0.1], [0.7, 0.6]])
+    logits = torch.logit(probs)[None]
+    anchors = [[torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [100, 0, 110, 10]])]]
+    out = model.postprocess_detections(
+        {"cls_logits": [logits], "bbox_regression": [torch.zeros(1, 3, 4)]}, anchors, [(200, 200)]
+    )[0]
+    # mmdet: the 2 anchors with the best top score (0, 1), then every pair of them above 0.05: 4 detections
+    assert out["labels"].tolist() == [0, 0, 1, 1]  # sorted by score; torchvision keeps only the top 2 pairs
+    assert out["scores"].tolist() == pytest.approx([0.9, 0.85, 0.8, 0.1])

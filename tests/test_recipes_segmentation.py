@@ -135,3 +135,40 @@ def test_heads_are_the_sources_heads(upernet: SegmentationTask, semfpn: Segmenta
     for task, n_win in ((upernet, 8), (semfpn, 8)):
         attn = task.model.backbone.stages_0.blocks[0].attn
         assert (attn.n_win, attn.pad_mode) == (n_win, "official")
+
+
+def test_semfpn_test_resize_is_align_resize() -> None:
+    import albumentations as A
+    import cv2
+    import numpy as np
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from datamodules.segmentation_transforms import build_segmentation_transform
+    from datamodules.transforms import KeepRatioResize
+
+    transform = build_segmentation_transform(train=False, eval_short_side=512, eval_size_divisor=32)
+    keep_ratio = A.Compose([KeepRatioResize(2048, 512)])
+    normalize = A.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, max_pixel_value=255.0)
+    rng = np.random.default_rng(0)
+    for height, width in ((512, 683), (375, 500), (600, 411), (256, 256)):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        factor = min(2048 / max(height, width), 512 / min(height, width))  # mmcv imrescale into (2048, 512)
+        rescaled = (int(height * factor + 0.5), int(width * factor + 0.5))
+        aligned = (math.ceil(rescaled[0] / 32) * 32, math.ceil(rescaled[1] / 32) * 32)  # align_resize.py _align
+        out = transform(image=image)["image"]
+        assert out.shape[:2] == aligned
+        plain = keep_ratio(image=image)["image"]  # uint8, as mmseg resizes before Normalize
+        assert plain.shape[:2] == rescaled
+        expected = cv2.resize(plain, aligned[::-1], interpolation=cv2.INTER_LINEAR) if aligned != rescaled else plain
+        np.testing.assert_allclose(out, normalize(image=expected)["image"], atol=1e-6)
+
+
+def test_heads_are_initialised_as_mmseg(upernet: SegmentationTask, semfpn: SegmentationTask) -> None:
+    head = upernet.model.decode_head
+    assert head.cls.weight.std().item() == pytest.approx(0.01, rel=0.1) and head.cls.bias.abs().max() == 0
+    conv = head.fpn_bottleneck[0].weight  # Kaiming normal, fan_out = out_channels * k * k, ReLU gain
+    fan_out = conv.shape[0] * conv.shape[2] * conv.shape[3]
+    assert conv.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.05)
+    lateral = semfpn.model.decode_head.lateral[3]  # the FPN neck: Xavier uniform
+    bound = math.sqrt(6 / (lateral.in_channels + lateral.out_channels))
+    assert lateral.weight.abs().max() <= bound and lateral.weight.abs().max() > 0.9 * bound

@@ -7,10 +7,10 @@ The detectors are torchvision's. Replaced around them, where torchvision cannot 
   masks), so the model must not resize again; it still normalises with the backbone's mean/std and pads the batch to
   a multiple of 32. Predictions come back in the coordinates of the original image files, whose sizes the task passes
   with :meth:`DatamoduleSizedTransform.output_sizes`;
-- Mask R-CNN's RoI pooling: mmdet's ``SingleRoIExtractor`` (:class:`RoIExtractor`: mmcv's RoIAlign with
-  ``aligned=True`` and adaptive sampling, level ``floor(log2(sqrt(w h) / 56))``), where torchvision's
-  ``MultiScaleRoIAlign`` hard-codes ``aligned=False`` and samples 2 points per bin;
-- RetinaNet's classes, loss normalisation and anchor sizes: ``tasks/heads/retinanet.py``.
+- Mask R-CNN's RoI pooling and box losses: ``tasks/heads/mask_rcnn.py``;
+- RetinaNet's classes, loss normalisation and test-time candidates: ``tasks/heads/retinanet.py``;
+- anchors (exact, not rounded to whole pixels) and the assigners (mmdet's ``MaxIoUAssigner``:
+  ``tasks/heads/anchors_and_assigners.py``).
 
 Defaults are mmdet's ``train_cfg``/``test_cfg`` values (``MMDET_DEFAULTS``), not torchvision's.
 """
@@ -21,18 +21,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign, roi_align
 
+from .anchors_and_assigners import ExactAnchorGenerator, MaxIoUAssigner
 from .feature_pyramid import TimmFeaturePyramid
+from .mask_rcnn import L1RegionProposalNetwork, L1RoIHeads, RoIExtractor, init_box_head_as_mmdet
 from .retinanet import ForegroundRetinaNet
 
-__all__ = ["DETECTORS", "MMDET_DEFAULTS", "DatamoduleSizedTransform", "RoIExtractor", "build_detector"]
+__all__ = ["DETECTORS", "MMDET_ASSIGNERS", "MMDET_DEFAULTS", "DatamoduleSizedTransform", "build_detector"]
 
 DETECTORS = ("retinanet", "maskrcnn")
 
@@ -67,57 +67,8 @@ MMDET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class RoIExtractor(MultiScaleRoIAlign):
-    """RoI features from a feature pyramid as mmdetection's ``SingleRoIExtractor`` with mmcv's ``RoIAlign``.
-
-    FPN paper (Lin et al., arXiv 1612.03144, eq. 1) in mmdet's form: a box of size ``w x h`` is pooled from level
-    ``l = clamp(floor(log2(sqrt(w h) / finest_scale + 1e-6)), 0, L - 1)`` by RoIAlign (He et al., arXiv 1703.06870)
-    at ``spatial_scale = 1 / stride_l`` with ``aligned=True`` (pixel centres at +0.5, mmcv's default) and
-    ``sampling_ratio=0`` (adaptive: ``ceil(roi_size / output_size)`` points per bin). Called as torchvision's
-    ``MultiScaleRoIAlign`` (whose subclass it is, so torchvision's detectors accept it): ``(features: dict,
-    boxes: list[(N_i, 4)], image_shapes) -> (sum N_i, C, S, S)``.
-
-    Args:
-        featmap_names: the pyramid levels pooled from, finest first.
-        output_size: ``S`` (7 for boxes, 14 for masks).
-        strides: the stride of each level.
-        sampling_ratio: points per bin side (0: adaptive).
-        finest_scale: box scale mapped to the finest level (mmdet: 56).
-    """
-
-    def __init__(
-        self,
-        featmap_names: Sequence[str],
-        output_size: int,
-        strides: Sequence[int],
-        sampling_ratio: int = 0,
-        finest_scale: float = 56.0,
-    ) -> None:
-        if len(featmap_names) != len(strides):
-            raise ValueError(f"{len(featmap_names)} feature maps but {len(strides)} strides")
-        super().__init__(list(featmap_names), int(output_size), int(sampling_ratio))
-        self.strides = [int(s) for s in strides]
-        self.finest_scale = float(finest_scale)
-
-    def roi_levels(self, rois: Tensor) -> Tensor:
-        """The pyramid level of each ``(N, 5)`` RoI ``(batch index, x1, y1, x2, y2)``."""
-        scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
-        levels = torch.floor(torch.log2(scale / self.finest_scale + 1e-6))
-        return levels.clamp(min=0, max=len(self.strides) - 1).long()
-
-    def forward(  # type: ignore[override]
-        self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
-    ) -> Tensor:
-        feats = [features[name] for name in self.featmap_names]
-        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)], dim=0)
-        out = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
-        levels = self.roi_levels(rois)
-        for level, (feat, stride) in enumerate(zip(feats, self.strides)):
-            index = torch.where(levels == level)[0]
-            if len(index):
-                pooled = roi_align(feat, rois[index], self.output_size, 1.0 / stride, self.sampling_ratio, aligned=True)
-                out[index] = pooled.to(out.dtype)
-        return out
+# NOTE: min_pos_iou of mmdet's MaxIoUAssigner for each stage (retinanet_r50_fpn.py, mask_rcnn_r50_fpn.py)
+MMDET_ASSIGNERS: dict[str, float] = {"retinanet": 0.0, "rpn": 0.3, "rcnn": 0.5}
 
 
 class DatamoduleSizedTransform(GeneralizedRCNNTransform):
@@ -214,7 +165,13 @@ def build_detector(
     kwargs = {**MMDET_DEFAULTS[detector], **(detector_kwargs or {})}
     if retina:
         model: nn.Module = ForegroundRetinaNet(pyramid, num_classes=num_classes, **kwargs)
+        matcher = model.proposal_matcher
+        model.proposal_matcher = MaxIoUAssigner(
+            matcher.high_threshold, matcher.low_threshold, MMDET_ASSIGNERS["retinanet"]
+        )
     else:
+        sizes = ((32,), (64,), (128,), (256,), (512,))  # mmdet AnchorGenerator(scales=[8], strides 4-64)
+        kwargs.setdefault("rpn_anchor_generator", ExactAnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes)))
         reductions = pyramid.body.feature_info.reduction()
         strides = [int(r) for r in reductions]
         names = [str(i) for i in range(len(strides))]
@@ -229,5 +186,13 @@ def build_detector(
                 mask_predictor=MaskRCNNPredictor(width, width, classes),
             )
         model = MaskRCNN(pyramid, num_classes=None if "box_predictor" in kwargs else num_classes + 1, **kwargs)
+        model.rpn = L1RegionProposalNetwork.from_torchvision(model.rpn)
+        model.roi_heads = L1RoIHeads.from_torchvision(model.roi_heads)
+        init_box_head_as_mmdet(model.roi_heads)
+        for stage, part in (("rpn", model.rpn), ("rcnn", model.roi_heads)):
+            matcher = part.proposal_matcher
+            part.proposal_matcher = MaxIoUAssigner(
+                matcher.high_threshold, matcher.low_threshold, MMDET_ASSIGNERS[stage]
+            )
     model.transform = DatamoduleSizedTransform(image_mean, image_std)
     return model

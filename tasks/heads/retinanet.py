@@ -9,10 +9,10 @@ Lin et al., "Focal Loss for Dense Object Detection" (arXiv 1708.02002). torchvis
   (``num_total_pos = sum_i max(pos_i, 1)``, ``anchor_head.py``); torchvision divides per image and then averages over
   images, which weights images with few objects more;
 - anchor sizes: mmdet's octave scales ``4 * stride * 2 ** (k / 3)``; torchvision truncates them to integers
-  (40 and 50 instead of 40.3 and 50.8 at stride 8).
-
-Left as torchvision has it (listed in ``configs/coco/retinanet_biformer_small_1x.yaml``): the test-time candidate
-selection (top 1000 (anchor, class) pairs per level where mmdet takes the top 1000 anchors by their best class).
+  (40 and 50 instead of 40.3 and 50.8 at stride 8) and rounds the corners (``octave_anchor_generator``);
+- test-time candidates: mmdet keeps the top ``nms_pre`` anchors of each level by their best class score and then
+  every (anchor, class) pair above ``score_thr`` (``AnchorHead._get_bboxes`` + ``multiclass_nms``); torchvision keeps
+  the top ``topk_candidates`` (anchor, class) pairs above the threshold.
 """
 
 from __future__ import annotations
@@ -24,28 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection._utils import Matcher
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.ops import sigmoid_focal_loss
+from torchvision.ops import batched_nms, clip_boxes_to_image, sigmoid_focal_loss
 
-__all__ = ["ForegroundRetinaNet", "PooledLossRetinaNetHead", "octave_anchor_generator"]
+from .anchors_and_assigners import octave_anchor_generator
 
-
-def octave_anchor_generator(
-    strides: tuple[int, ...] = (8, 16, 32, 64, 128),
-    octave_base_scale: float = 4.0,
-    scales_per_octave: int = 3,
-    ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
-) -> AnchorGenerator:
-    """mmdet's RetinaNet ``AnchorGenerator``: sizes ``octave_base_scale * stride * 2 ** (k / scales_per_octave)``.
-
-    torchvision still rounds each base anchor's corners to whole pixels (at most 0.5 px from mmdet's).
-    """
-    sizes = tuple(
-        tuple(octave_base_scale * stride * 2 ** (k / scales_per_octave) for k in range(scales_per_octave))
-        for stride in strides
-    )
-    return AnchorGenerator(sizes, (tuple(ratios),) * len(strides))
+__all__ = ["ForegroundRetinaNet", "PooledLossRetinaNetHead"]
 
 
 class PooledLossRetinaNetHead(RetinaNetHead):
@@ -94,6 +78,32 @@ class ForegroundRetinaNet(RetinaNet):
             anchors = kwargs["anchor_generator"].num_anchors_per_location()[0]
             kwargs["head"] = PooledLossRetinaNetHead(backbone.out_channels, anchors, num_classes)
         super().__init__(backbone, num_classes=num_classes, **kwargs)
+
+    def postprocess_detections(
+        self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]], image_shapes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        """mmdet's test-time selection: per level the ``topk_candidates`` anchors with the highest best-class score,
+        then every (anchor, class) pair of them above ``score_thresh``, class-wise NMS over all levels, the
+        ``detections_per_img`` best. Labels are class indices here (``forward`` adds 1)."""
+        detections = []
+        for index, image_shape in enumerate(image_shapes):
+            boxes, scores, labels = [], [], []
+            for logits, deltas, level_anchors in zip(
+                head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors[index]
+            ):
+                level_scores, level_deltas = logits[index].sigmoid(), deltas[index]
+                if level_scores.shape[0] > self.topk_candidates:
+                    top = level_scores.max(dim=1).values.topk(self.topk_candidates).indices
+                    level_scores, level_deltas, level_anchors = level_scores[top], level_deltas[top], level_anchors[top]
+                decoded = clip_boxes_to_image(self.box_coder.decode_single(level_deltas, level_anchors), image_shape)
+                anchor_index, label = torch.where(level_scores > self.score_thresh)
+                boxes.append(decoded[anchor_index])
+                scores.append(level_scores[anchor_index, label])
+                labels.append(label)
+            boxes_t, scores_t, labels_t = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+            keep = batched_nms(boxes_t, scores_t, labels_t, self.nms_thresh)[: self.detections_per_img]
+            detections.append({"boxes": boxes_t[keep], "scores": scores_t[keep], "labels": labels_t[keep]})
+        return detections
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
         if targets is not None:

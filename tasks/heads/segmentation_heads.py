@@ -3,7 +3,9 @@
 Written here because no maintained library ships them for a plain list of timm features: mmsegmentation needs its
 registry and mmcv, and segmentation_models_pytorch is not a project dependency and wraps its own encoders. Each head
 follows its paper and the mmsegmentation configuration the BiFormer / DaViT papers trained with (channel widths,
-pooling scales, norm + ReLU after every conv).
+pooling scales, norm + ReLU after every conv) and is initialised as mmsegmentation's: conv + norm + ReLU blocks
+Kaiming-normal (``fan_out``, mmcv ``ConvModule``), classifiers ``N(0, 0.01)`` (``BaseDecodeHead.conv_seg``), the
+Semantic FPN neck's plain convs Xavier-uniform (``FPN``), biases zero.
 """
 
 from __future__ import annotations
@@ -18,11 +20,23 @@ __all__ = ["FCNHead", "SemanticFPNHead", "UperNetHead"]
 
 
 def _conv_bn_relu(in_chs: int, out_chs: int, kernel_size: int = 3) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_chs),
-        nn.ReLU(inplace=True),
-    )
+    conv = nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(conv, nn.BatchNorm2d(out_chs), nn.ReLU(inplace=True))
+
+
+def _classifier(in_chs: int, num_classes: int) -> nn.Conv2d:
+    conv = nn.Conv2d(in_chs, num_classes, 1)
+    nn.init.normal_(conv.weight, 0.0, 0.01)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def _xavier_conv(in_chs: int, out_chs: int, kernel_size: int) -> nn.Conv2d:
+    conv = nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2)
+    nn.init.xavier_uniform_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
 
 
 def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -62,7 +76,7 @@ class UperNetHead(nn.Module):
         self.fpn_convs = nn.ModuleList(_conv_bn_relu(channels, channels) for _ in in_channels[:-1])
         self.fpn_bottleneck = _conv_bn_relu(len(in_channels) * channels, channels)
         self.dropout = nn.Dropout2d(dropout)
-        self.cls = nn.Conv2d(channels, num_classes, 1)
+        self.cls = _classifier(channels, num_classes)
 
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         top = feats[-1]
@@ -101,14 +115,14 @@ class SemanticFPNHead(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        self.lateral = nn.ModuleList(nn.Conv2d(c, fpn_channels, 1) for c in in_channels)
-        self.fpn_convs = nn.ModuleList(nn.Conv2d(fpn_channels, fpn_channels, 3, padding=1) for _ in in_channels)
+        self.lateral = nn.ModuleList(_xavier_conv(c, fpn_channels, 1) for c in in_channels)
+        self.fpn_convs = nn.ModuleList(_xavier_conv(fpn_channels, fpn_channels, 3) for _ in in_channels)
         self.branches = nn.ModuleList()
         for level in range(len(in_channels)):
             blocks = [_conv_bn_relu(fpn_channels if j == 0 else channels, channels) for j in range(max(1, level))]
             self.branches.append(nn.ModuleList(blocks))
         self.dropout = nn.Dropout2d(dropout)
-        self.cls = nn.Conv2d(channels, num_classes, 1)
+        self.cls = _classifier(channels, num_classes)
 
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         laterals = [lateral(f) for lateral, f in zip(self.lateral, feats)]
@@ -144,7 +158,7 @@ class FCNHead(nn.Module):
         super().__init__()
         self.conv = _conv_bn_relu(in_channels, channels)
         self.dropout = nn.Dropout2d(dropout)
-        self.cls = nn.Conv2d(channels, num_classes, 1)
+        self.cls = _classifier(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.cls(self.dropout(self.conv(x)))
