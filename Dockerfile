@@ -39,10 +39,13 @@ RUN groupadd --non-unique --gid "${USER_GID}" strata \
     && chown strata:strata /data /workspace/checkpoints
 
 # Then the source, installed without dependencies (they are in the layer above).
+COPY core/ core/
 COPY blocks/ blocks/
 COPY backbones/ backbones/
 COPY datamodules/ datamodules/
 COPY tasks/ tasks/
+COPY visualization/ visualization/
+COPY runs/ runs/
 COPY configs/ configs/
 COPY README.md train.py ./
 RUN pip install --no-cache-dir --no-deps . \
@@ -52,6 +55,6 @@ USER ${USER_UID}:${USER_GID}
 VOLUME ["/data", "/workspace/checkpoints"]
 
 # `docker run IMAGE fit --config ...` runs `python train.py fit --config ...`; wandb logs online only when
-# WANDB_API_KEY is passed (-e WANDB_API_KEY), offline into the run directory otherwise (tasks/run_loggers.py).
+# WANDB_API_KEY is passed (-e WANDB_API_KEY), offline into the run directory otherwise (runs/loggers.py).
 ENTRYPOINT ["python", "train.py"]
 CMD ["--help"]

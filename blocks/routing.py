@@ -304,7 +304,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.router = RegionRouter(topk, self.scale)
         self.proj = nn.Linear(dim, dim)
         self._slices = (slice(0, qk_dim), slice(qk_dim, 2 * qk_dim), slice(2 * qk_dim, 2 * qk_dim + dim))
-        # NOTE: set only while an attention capture records this block (tasks/visualization/capture.py)
+        # NOTE: set only while an attention capture records this block (a hook-free callback, None otherwise)
         self.capture: Callable[..., None] | None = None
 
     def forward(self, x: Tensor) -> Tensor:

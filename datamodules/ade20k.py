@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import albumentations as A
-import lightning.pytorch as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -27,6 +26,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from core.errors import ConfigError, DataError
+
+from .base import StrataDataModule
 from .decode import (
     DecodeError,
     ExcludedSample,
@@ -40,8 +42,7 @@ from .decode import (
     decode_rgb,
     split_excluded,
 )
-from .errors import ConfigError, DataError
-from .loaders import EvalLoadersMixin, ResumableTrainLoaderMixin, build_loader
+from .loaders import build_loader
 from .segmentation_transforms import IGNORE_INDEX, CatMaxRatioCrop, PhotoMetricDistortion, build_segmentation_transform
 
 __all__ = [
@@ -304,7 +305,7 @@ def _check_args(
         raise ConfigError(f"data.batch_size {batch_size} / data.eval_batch_size {eval_batch_size} must be >= 1")
 
 
-class ADE20KDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningDataModule):
+class ADE20KDataModule(StrataDataModule):
     """ADE20K (ADEChallengeData2016, or any dataset in its layout) for semantic segmentation.
 
     Zhou et al., "Scene Parsing through ADE20K Dataset" (CVPR 2017) / "Semantic Understanding of Scenes through the
@@ -390,7 +391,6 @@ class ADE20KDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningD
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"ADE20K root {self.root} does not exist: set --data.init_args.root to the dataset folder")
-        self.num_classes = num_classes
         self.class_names = self._class_names(class_names_file)
         self.train_set: ADE20KDataset | None = None
         self.val_set: ADE20KDataset | None = None
@@ -412,6 +412,14 @@ class ADE20KDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningD
                 f"set --data.init_args.num_classes {len(names)} or fix the file"
             )
         return names
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.hparams.num_classes)
+
+    def input_sizes(self) -> dict[str, int]:
+        hp = self.hparams
+        return {"data.crop_size": int(hp.crop_size), "data.eval_short_side": int(hp.eval_short_side)}
 
     @property
     def counts(self) -> dict[str, dict[str, int]]:

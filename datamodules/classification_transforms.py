@@ -25,7 +25,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data import auto_augment as timm_aa
 
-from .errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = [
     "PIL_INTERPOLATIONS",

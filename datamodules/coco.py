@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import albumentations as A
-import lightning.pytorch as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -28,6 +27,9 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from core.errors import ConfigError, DataError
+
+from .base import StrataDataModule
 from .decode import (
     ExcludedSample,
     ExcludedSamples,
@@ -40,9 +42,8 @@ from .decode import (
     decode_rgb,
     split_excluded,
 )
-from .errors import ConfigError, DataError
-from .loaders import EvalLoadersMixin, ResumableTrainLoaderMixin, build_loader
-from .transforms import build_detection_transform
+from .detection_transforms import build_detection_transform
+from .loaders import build_loader
 
 __all__ = [
     "COCODataModule",
@@ -347,7 +348,7 @@ def _check_args(
         raise ConfigError(f"data.batch_size {batch_size} / data.eval_batch_size {eval_batch_size} must be >= 1")
 
 
-class COCODataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningDataModule):
+class COCODataModule(StrataDataModule):
     """COCO 2017 (or any dataset in its layout) for object detection and instance segmentation.
 
     Lin et al., "Microsoft COCO: Common Objects in Context" (arXiv 1405.0312). Batches are
@@ -446,6 +447,25 @@ class COCODataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningDat
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
+
+    @property
+    def dataset_info(self) -> dict[str, Any]:
+        """Class names, the category ids of labels ``1..K`` and the val annotation file COCOeval scores against;
+        no normalisation (torchvision's detectors normalise inside)."""
+        return {
+            "class_names": list(self.class_names),
+            "category_ids": list(self.category_ids),
+            "val_annotation_file": str(self.val_annotation_file),
+            "mean": None,
+            "std": None,
+        }
+
+    def input_sizes(self) -> dict[str, int]:
+        hp = self.hparams
+        sizes = {"data.img_scale": int(min(hp.img_scale))}
+        if hp.multi_scale:
+            sizes["data.multi_scale"] = int(min(hp.multi_scale))
+        return sizes
 
     def label_to_category_id(self, label: int) -> int:
         """The annotation file's category id of contiguous label ``1..K``."""

@@ -20,7 +20,7 @@ for (its ``undecodable`` policy):
   ``DataError`` naming the file; ``"exclude"`` returns an ``ExcludedSample`` that the datamodules' excluding collate
   functions drop from the batch and append as its last element, ``ExcludedSamples`` (``split_excluded``), so the
   metric is computed exactly as if the image were not in the dataset and the tasks count what was left out
-  (``tasks/training_health.py``).
+  (``runs/health.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageCms
 from torch.utils.data import get_worker_info
 
-from .errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 
 __all__ = [
     "EVAL_UNDECODABLE",
@@ -154,7 +154,7 @@ class SkipCounter:
     The counts live in a shared-memory tensor with one row per process (the main process row 0, worker ``i`` row
     ``i + 1``), so workers started by ``fork`` or ``spawn`` all add to the tensor the main process reads and no two
     processes write the same row. ``requested`` counts calls for a sample, ``skipped`` those whose file failed to
-    decode. Counts are per process group (one DDP rank); ``tasks/training_health.py`` sums them across ranks.
+    decode. Counts are per process group (one DDP rank); ``runs/health.py`` sums them across ranks.
     """
 
     def __init__(self) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
+
+from core.errors import DataError
 
 from .decode import (
     DecodeError,
@@ -23,7 +23,6 @@ from .decode import (
     decode_rgb_image,
     split_excluded,
 )
-from .errors import DataError
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -33,7 +32,6 @@ __all__ = [
     "find_classes",
     "read_class_names",
     "scan_image_folder",
-    "seed_worker",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -139,17 +137,3 @@ def collate_classification_excluding(
         return torch.empty(0), torch.empty(0, dtype=torch.int64), excluded
     images, labels = zip(*kept, strict=True)
     return torch.stack(images), torch.as_tensor(labels, dtype=torch.int64), excluded
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: distinct, reproducible random streams per worker and per epoch.
-
-    ``torch.initial_seed()`` inside a worker is the loader's per-epoch base seed plus the worker id, drawn from the
-    main process's generator, so it follows ``seed_everything`` and differs between epochs and workers.
-    """
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-    info = get_worker_info()
-    if info is not None and hasattr(info.dataset, "reseed"):
-        info.dataset.reseed(seed)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import lightning.pytorch as L
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 
+from core.errors import ConfigError, DataError
+
+from .base import StrataDataModule
 from .classification_transforms import build_eval_transform, build_train_transform, check_rand_augment
 from .decode import check_eval_undecodable, check_skipped_fraction
-from .errors import ConfigError, DataError
 from .image_folder import (
     ImageFolderDataset,
     collate_classification_excluding,
@@ -18,12 +20,12 @@ from .image_folder import (
     read_class_names,
     scan_image_folder,
 )
-from .loaders import EvalLoadersMixin, ResumableTrainLoaderMixin, build_loader
+from .loaders import build_loader
 
 __all__ = ["ImageNetDataModule"]
 
 
-class ImageNetDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.LightningDataModule):
+class ImageNetDataModule(StrataDataModule):
     """ImageNet (or any dataset in its class-folder layout) for classification.
 
     Layout: ``root/train/<class>/*`` and ``root/val/<class>/*``; the class index is the position of the folder name in
@@ -59,7 +61,7 @@ class ImageNetDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.Lightnin
         class_names_file: optional file of class names.
         max_skipped_fraction: stop the run when more than this fraction of the training samples fails to decode
             (each failure is logged, replaced by the next decodable image and counted as ``skipped_samples`` in
-            ``summary.json``; see ``tasks/training_health.py``). Evaluation images are never replaced.
+            ``summary.json``; see ``runs/health.py``). Evaluation images are never replaced.
         eval_undecodable: what an undecodable val/test/predict image does: ``"error"`` stops the run naming the file;
             ``"exclude"`` leaves it out of the metric (the top-1/top-5 denominators count decoded images only) and
             of the predictions, counted as ``val/excluded_images`` and ``excluded_eval_images`` in ``summary.json``;
@@ -123,6 +125,18 @@ class ImageNetDataModule(ResumableTrainLoaderMixin, EvalLoadersMixin, L.Lightnin
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def timm_data_config(self) -> dict[str, Any]:
+        hp = self.hparams
+        return {
+            **super().timm_data_config(),
+            "input_size": (3, hp.img_size, hp.img_size),
+            "crop_pct": hp.crop_pct,
+            "interpolation": hp.interpolation,
+        }
+
+    def input_sizes(self) -> dict[str, int]:
+        return {"data.img_size": int(self.hparams.img_size)}
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams

@@ -13,14 +13,14 @@ has to be stored.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
-from .image_folder import seed_worker
 from .samplers import UnpaddedDistributedSampler
 
 __all__ = [
@@ -32,7 +32,22 @@ __all__ = [
     "distributed_world",
     "repeated_samples_per_rank",
     "sample_seed",
+    "seed_worker",
 ]
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: distinct, reproducible random streams per worker and per epoch.
+
+    ``torch.initial_seed()`` inside a worker is the loader's per-epoch base seed plus the worker id, drawn from the
+    main process's generator, so it follows ``seed_everything`` and differs between epochs and workers.
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = get_worker_info()
+    if info is not None and hasattr(info.dataset, "reseed"):
+        info.dataset.reseed(seed)
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:

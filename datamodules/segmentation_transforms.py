@@ -2,7 +2,7 @@
 
 ``CatMaxRatioCrop`` and ``PhotoMetricDistortion`` are mmseg's ``RandomCrop(cat_max_ratio=...)`` and
 ``PhotoMetricDistortion``, which albumentations does not ship in that form; ``build_segmentation_transform`` chains
-them with the keep-ratio resize of ``datamodules.transforms``.
+them with the keep-ratio resize of ``datamodules.detection_transforms``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from albumentations.core.type_definitions import Targets
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .transforms import KeepRatioResize
+from .detection_transforms import KeepRatioResize
 
 __all__ = ["IGNORE_INDEX", "CatMaxRatioCrop", "PhotoMetricDistortion", "build_segmentation_transform"]
 

@@ -37,10 +37,6 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from benchmark_common import (
     PRECISIONS,
     autocast,
@@ -54,6 +50,7 @@ from benchmark_common import (
     write_csv,
 )
 from inspect_models import count_params, params_and_macs, project_models
+from torch import nn
 
 COLUMNS = [
     ("model", "{}"),

@@ -27,16 +27,11 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark_common import peak_memory_bytes, sync
 
 from blocks.routing import BiLevelRoutingAttention, region_grid
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_common import peak_memory_bytes, sync
 
 # setting -> (n_win, default batch, stages as (H, W, C, heads, topk)); biformer_tiny's BRA stages
 SETTINGS: dict[str, tuple[int, int, list[tuple[int, int, int, int, int]]]] = {

@@ -24,14 +24,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 import timeit
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _sync(device: str) -> None:
@@ -54,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     import timm
 
     import backbones  # noqa: F401  (registers the project's models)
-    from tasks.visualization.capture import AttentionCapture
+    from visualization.capture import AttentionCapture
 
     torch.manual_seed(0)
     never = timm.create_model(args.model).eval().to(args.device)

@@ -37,10 +37,6 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import save_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from benchmark import _train_step
 from benchmark_common import (
     PRECISIONS,
@@ -54,6 +50,7 @@ from benchmark_common import (
     write_csv,
 )
 from inspect_models import params_and_macs
+from safetensors.torch import save_file
 
 EFFICIENCY_MODELS = "strata_hybrid_pico:64:64,strata_hybrid_tiny:224:8,biformer_tiny:224:8"
 

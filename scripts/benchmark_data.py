@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import random
 import statistics
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from benchmark_common import timer
 from PIL import Image
 from timm.data import create_transform
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmark_common import timer
 
 from datamodules.classification_transforms import build_train_transform, with_black_posterize
 from datamodules.decode import decode_rgb_image

@@ -19,23 +19,18 @@ from __future__ import annotations
 
 import itertools
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
+from benchmark_common import autocast, timer
 from lightning.pytorch.loggers import CSVLogger
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader, TensorDataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmark_common import autocast, timer
 
 from datamodules.imagenet import ImageNetDataModule
 from tasks.classification import ClassificationTask

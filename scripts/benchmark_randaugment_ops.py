@@ -36,12 +36,8 @@ import cv2
 import numpy as np
 import skimage.data
 import torch
-from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from benchmark_common import machine_description, markdown_table, timer, write_csv
+from PIL import Image
 
 from datamodules.classification_transforms import build_train_transform
 from datamodules.image_folder import decode_rgb

@@ -25,14 +25,11 @@ import argparse
 import fnmatch
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import backbones  # noqa: F401  (registers the project's models)
 from blocks.routing import BiLevelRoutingAttention

@@ -26,8 +26,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def _size(text: str) -> tuple[int, int]:
     parts = text.lower().split("x")
@@ -82,7 +80,7 @@ def load_model(run: str | None, model: str | None, weights: str | None, kwargs: 
 def attention(args: argparse.Namespace) -> list[Path]:
     from PIL import Image
 
-    from tasks.visualization.attention_maps import image_to_tensor, render_attention_maps
+    from visualization.attention_maps import image_to_tensor, render_attention_maps
 
     if (args.run is None) == (args.model is None):
         raise ValueError("give exactly one of --run DIR and --model NAME")
@@ -112,7 +110,7 @@ def attention(args: argparse.Namespace) -> list[Path]:
 
 
 def curves(args: argparse.Namespace) -> Path | None:
-    from tasks.visualization.curves import plot_training_curves
+    from visualization.curves import plot_training_curves
 
     path = plot_training_curves(args.run)
     print(path if path is not None else f"{args.run}: no metrics.csv with metrics yet")

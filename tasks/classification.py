@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -29,19 +29,18 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from core.errors import ConfigError
 from datamodules.decode import ExcludedSamples
+from visualization.overlays import render_classification, to_uint8_image
 
-from .backbone import ConfigError, create_backbone
-from .checkpoint_loading import pretrained_file_errors
-from .config_checks import backbone_errors
+from .backbone import create_backbone
+from .base import StrataTask
 from .lr_schedules import optimizer_steps_per_epoch
-from .prediction_writer import ClassificationPredictionWriter
-from .training_health import ExcludedImages, NonFiniteLossGuard
 
 __all__ = ["ClassificationTask"]
 
 
-class ClassificationTask(L.LightningModule):
+class ClassificationTask(StrataTask):
     """Train and evaluate a classifier built by ``timm.create_model``.
 
     Args:
@@ -75,8 +74,13 @@ class ClassificationTask(L.LightningModule):
         channels_last: run the model in channels-last memory format (faster convolutions on GPUs).
         compile: run the model through ``torch.compile``.
         max_nonfinite_steps: training steps with a non-finite loss that are skipped before the run stops
-            (``tasks/training_health.py``).
+            (``tasks/nonfinite.py``).
+        dataset_info: the data's class names and normalisation (linked from ``data.dataset_info``).
     """
+
+    task_name = "classification"
+    prediction_format = "classification"
+    loss_per_epoch = True
 
     def __init__(
         self,
@@ -107,9 +111,10 @@ class ClassificationTask(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         max_nonfinite_steps: int = 10,
+        dataset_info: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(max_nonfinite_steps, dataset_info)
+        self.save_hyperparameters(ignore=["dataset_info"])
         if monitor not in ("val/top1", "val/ema_top1", "val/top5", "val/ema_top5", "val/loss"):
             raise ConfigError(f"model.monitor {monitor!r} is not a logged metric: use val/top1 or val/ema_top1")
         if lr_interval not in ("step", "epoch"):
@@ -119,11 +124,9 @@ class ClassificationTask(L.LightningModule):
         kwargs = dict(backbone_kwargs or {})
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
-        with backbone_errors(backbone), pretrained_file_errors(pretrained_file, backbone):
-            self.model = create_backbone(
-                backbone, pretrained=pretrained, pretrained_file=pretrained_file, num_classes=num_classes, **kwargs
-            )
-        self.nonfinite_guard = NonFiniteLossGuard(max_nonfinite_steps)
+        self.model = create_backbone(
+            backbone, pretrained=pretrained, pretrained_file=pretrained_file, num_classes=num_classes, **kwargs
+        )
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.ema = ModelEmaV3(self.model, decay=ema_decay, use_warmup=ema_warmup) if ema_decay is not None else None
@@ -152,7 +155,6 @@ class ClassificationTask(L.LightningModule):
             metrics["top5"] = accuracy(5)
         self.val_metrics = MetricCollection(metrics, prefix="val/")
         self.ema_metrics = self.val_metrics.clone(prefix="val/ema_") if self.ema is not None else None
-        self.excluded_images = ExcludedImages()
         # NOTE: kept out of the module tree so checkpoints hold ``model.*`` keys only, compiled or not.
         self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
 
@@ -161,23 +163,14 @@ class ClassificationTask(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self._forward(images)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict, int]:
         images, targets = batch
-        self.nonfinite_guard.before_forward(self)
         if self.mixup_fn is not None:
             images, soft_targets = self.mixup_fn(images, targets)
             loss = self.soft_target_loss(self(images), soft_targets)
         else:
             loss = F.cross_entropy(self(images), targets, label_smoothing=self.hparams.label_smoothing)
-        loss = self.nonfinite_guard(self, loss)
-        if self.nonfinite_guard.skipping:
-            return loss  # NOTE: a zero-gradient stand-in: every process drops this step (training_health.py)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=True)
-        return loss
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.nonfinite_guard.drop_skipped_step(self)
+        return loss, {}, images.shape[0]
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -232,18 +225,22 @@ class ClassificationTask(L.LightningModule):
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
         return {"indices": top.indices, "probs": top.values}
 
-    def prediction_writer(self, run_dir: str) -> ClassificationPredictionWriter:
-        """The callback ``train.py predict`` adds to write this task's predictions into the run directory."""
-        return ClassificationPredictionWriter(run_dir)
+    def render_predictions(self, batch: tuple[torch.Tensor, ...], limit: int) -> list[Image.Image]:
+        """One strip of the first ``limit`` images with their predicted and true class names."""
+        images, targets = batch[0][:limit], batch[1][:limit]
+        if limit <= 0 or len(images) == 0:
+            return []
+        mean, std = self.dataset_info.get("mean"), self.dataset_info.get("std")
+        with torch.no_grad():
+            probs = self(images).softmax(-1)
+        tiles = [to_uint8_image(image, mean, std) for image in images]
+        return [render_classification(tiles, probs, targets.tolist(), self.dataset_info.get("class_names"))]
 
     def global_batch_size(self) -> int:
-        """Images per optimizer step across all processes."""
+        """Images per optimizer step across all processes (call after ``trainer.estimated_stepping_batches``, which
+        builds the training loader)."""
         trainer = self.trainer
-        datamodule = getattr(trainer, "datamodule", None)
-        batch_size = getattr(getattr(datamodule, "hparams", None), "batch_size", None)
-        if batch_size is None:
-            batch_size = trainer.train_dataloader.batch_size
-        return int(batch_size) * trainer.world_size * trainer.accumulate_grad_batches
+        return int(trainer.train_dataloader.batch_size) * trainer.world_size * trainer.accumulate_grad_batches
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -282,7 +279,7 @@ class ClassificationTask(L.LightningModule):
         if self.hparams.lr_interval == "epoch":
             scheduler.step(epoch=self.current_epoch)  # NOTE: after epoch e, as main.py's lr_scheduler.step(epoch)
         else:
-            scheduler.step_update(num_updates=self.global_step)
+            super().lr_scheduler_step(scheduler, metric)
 
     def export_module(self) -> nn.Module:
         """The weights the run exports: the EMA when it is the monitored model, else the trained model."""

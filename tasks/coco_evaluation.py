@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
-__all__ = ["STAT_NAMES", "CocoEvaluator", "detections_to_coco"]
+__all__ = ["STAT_NAMES", "CocoEvaluator", "detections_to_coco", "gather_from_processes"]
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -57,6 +57,15 @@ def detections_to_coco(
             rle["counts"] = rle["counts"].decode("ascii")
             record["segmentation"] = rle
     return records
+
+
+def gather_from_processes(value: Any) -> list[Any]:
+    """``value`` of every process, in rank order (``[value]`` without torch.distributed or with one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, value)
+    return parts
 
 
 class CocoEvaluator:
@@ -102,10 +111,7 @@ class CocoEvaluator:
 
     def gather(self) -> None:
         """Merge every rank's records, image ids and excluded ids into every rank (no-op without torch.distributed)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (self.records, sorted(self.image_ids), sorted(self.excluded_ids)))
+        parts = gather_from_processes((self.records, sorted(self.image_ids), sorted(self.excluded_ids)))
         self.records = [r for records, _, _ in parts for r in records]
         self.image_ids = {i for _, ids, _ in parts for i in ids}
         self.excluded_ids = {i for _, _, ids in parts for i in ids}
@@ -131,14 +137,6 @@ class CocoEvaluator:
             evaluator.accumulate()
             evaluator.summarize()
         return np.asarray(evaluator.stats)
-
-    def write_results(self, path: str | Path) -> Path:
-        """Write the gathered records as a COCO results JSON (what ``COCO.loadRes`` and the test servers read)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.records))
-        tmp.replace(path)
-        return path
 
 
 def _strip_bbox_for_segm(records: list[dict]) -> list[dict]:

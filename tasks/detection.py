@@ -17,23 +17,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as L
 import timm
+import torch
+from PIL import Image
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
+from core.errors import ConfigError
 from datamodules.decode import excluded_samples
+from visualization.overlays import render_detection, to_uint8_image
 
-from .backbone import ConfigError
-from .checkpoint_loading import pretrained_file_errors
+from .backbone import backbone_from_features
+from .base import StrataTask
 from .coco_evaluation import CocoEvaluator, detections_to_coco
-from .config_checks import backbone_errors
-from .export import backbone_from_features
 from .heads.detectors import DETECTORS, build_detector
 from .lr_schedules import MMCVLrSchedule, optimizer_steps_per_epoch
 from .param_groups import create_adamw
-from .prediction_writer import CocoPredictionWriter
-from .training_health import ExcludedImages, NonFiniteLossGuard
 
 __all__ = ["DetectionTask"]
 
@@ -41,7 +39,7 @@ Batch = tuple[list[Tensor], list[dict[str, Any]]]
 _TARGET_KEYS = ("boxes", "labels", "masks")
 
 
-class DetectionTask(L.LightningModule):
+class DetectionTask(StrataTask):
     """Train and evaluate a torchvision detector whose backbone is ``timm.create_model(backbone, features_only=True)``.
 
     Args:
@@ -77,8 +75,13 @@ class DetectionTask(L.LightningModule):
         lr_decay: step decay factor.
         monitor: metric that selects ``best.ckpt`` (``val/bbox_AP`` or ``val/segm_AP``).
         max_nonfinite_steps: training steps with a non-finite loss that are skipped before the run stops
-            (``tasks/training_health.py``).
+            (``tasks/nonfinite.py``).
+        dataset_info: the data's category ids, val annotation file and class names (linked from
+            ``data.dataset_info``).
     """
+
+    task_name = "detection"
+    prediction_format = "coco"
 
     def __init__(
         self,
@@ -107,9 +110,10 @@ class DetectionTask(L.LightningModule):
         lr_decay: float = 0.1,
         monitor: str = "val/bbox_AP",
         max_nonfinite_steps: int = 10,
+        dataset_info: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(max_nonfinite_steps, dataset_info)
+        self.save_hyperparameters(ignore=["dataset_info"])
         if detector not in DETECTORS:
             raise ConfigError(f"model.detector {detector!r} is not supported: use one of {', '.join(DETECTORS)}")
         if monitor not in ("val/bbox_AP", "val/segm_AP") or (monitor == "val/segm_AP" and detector != "maskrcnn"):
@@ -117,35 +121,30 @@ class DetectionTask(L.LightningModule):
         kwargs = dict(backbone_kwargs or {})
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
-        if pretrained or pretrained_file:
-            kwargs["pretrained"] = True
-        if pretrained_file:
-            kwargs["pretrained_cfg_overlay"] = dict(file=pretrained_file)
         cfg = timm.get_pretrained_cfg(backbone)
         mean = cfg.mean if cfg is not None else timm.data.IMAGENET_DEFAULT_MEAN
         std = cfg.std if cfg is not None else timm.data.IMAGENET_DEFAULT_STD
-        with backbone_errors(backbone), pretrained_file_errors(pretrained_file, backbone):
-            self.model = build_detector(
-                detector,
-                backbone,
-                num_classes,
-                image_mean=mean,
-                image_std=std,
-                out_indices=out_indices,
-                fpn_channels=fpn_channels,
-                level_norm=level_norm,
-                norm_eval=norm_eval,
-                freeze_bn=freeze_bn,
-                frozen_stages=frozen_stages,
-                backbone_kwargs=kwargs,
-                detector_kwargs=detector_kwargs,
-                roi_head_width=roi_head_width,
-            )
-        self.nonfinite_guard = NonFiniteLossGuard(max_nonfinite_steps)
+        self.model = build_detector(
+            detector,
+            backbone,
+            num_classes,
+            image_mean=mean,
+            image_std=std,
+            out_indices=out_indices,
+            fpn_channels=fpn_channels,
+            level_norm=level_norm,
+            norm_eval=norm_eval,
+            freeze_bn=freeze_bn,
+            frozen_stages=frozen_stages,
+            pretrained=pretrained,
+            pretrained_file=pretrained_file,
+            backbone_kwargs=kwargs,
+            detector_kwargs=detector_kwargs,
+            roi_head_width=roi_head_width,
+        )
         self.iou_types = ("bbox", "segm") if detector == "maskrcnn" else ("bbox",)
         self.monitor = monitor
         self.evaluator: CocoEvaluator | None = None
-        self.excluded_images = ExcludedImages()
 
     def forward(self, images: list[Tensor], output_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict]:
         """Detections per image; boxes/masks at ``output_sizes`` (the original image sizes) when given."""
@@ -154,28 +153,14 @@ class DetectionTask(L.LightningModule):
         with self.model.transform.output_sizes(output_sizes):
             return self.model(images)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor], int]:
         images, targets = batch
-        self.nonfinite_guard.before_forward(self)
         losses = self.model(images, [{k: t[k] for k in _TARGET_KEYS if k in t} for t in targets])
-        loss = sum(losses.values())
-        loss = self.nonfinite_guard(self, loss)
-        if self.nonfinite_guard.skipping:
-            return loss  # NOTE: a zero-gradient stand-in: every process drops this step (training_health.py)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=len(images))
-        return loss
-
-    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        self.nonfinite_guard.drop_skipped_step(self)
+        return sum(losses.values()), losses, len(images)
 
     # ----- evaluation -----
     def _category_ids(self) -> list[int]:
-        ids = getattr(self.trainer.datamodule, "category_ids", None)
-        if ids is None:
-            raise ConfigError("the datamodule has no category_ids: DetectionTask needs datamodules.coco.COCODataModule")
-        return list(ids)
+        return list(self.data_field("category_ids"))
 
     def _coco_records(self, batch: Batch) -> tuple[list[dict], list[int]]:
         images, targets = batch[0], batch[1]
@@ -187,9 +172,7 @@ class DetectionTask(L.LightningModule):
         return records, [int(t["image_id"]) for t in targets]
 
     def on_validation_epoch_start(self) -> None:
-        annotation_file = getattr(self.trainer.datamodule, "val_annotation_file", None)
-        if annotation_file is None:
-            raise ConfigError("the datamodule has no val_annotation_file: use datamodules.coco.COCODataModule")
+        annotation_file = self.data_field("val_annotation_file")
         if self.evaluator is None or self.evaluator.annotation_file != annotation_file:
             self.evaluator = CocoEvaluator(annotation_file, self.iou_types)
         self.evaluator.reset()
@@ -218,9 +201,18 @@ class DetectionTask(L.LightningModule):
         records, image_ids = self._coco_records(batch)
         return {"records": records, "image_ids": image_ids}
 
-    def prediction_writer(self, run_dir: str) -> CocoPredictionWriter:
-        """The callback ``train.py predict`` adds: writes ``predictions_coco.json`` into the run directory."""
-        return CocoPredictionWriter(run_dir)
+    def render_predictions(self, batch: Batch, limit: int) -> list[Image.Image]:
+        """Prediction | ground truth, boxes and masks, for each of the first ``limit`` images."""
+        images, targets = list(batch[0][:limit]), list(batch[1][:limit])
+        if limit <= 0 or not images:
+            return []
+        with torch.no_grad():
+            detections = self(images)
+        names = self.dataset_info.get("class_names")
+        return [
+            render_detection(to_uint8_image(image), det, target, names)
+            for image, det, target in zip(images, detections, targets)
+        ]
 
     # ----- optimisation -----
     def configure_optimizers(self) -> dict[str, Any]:
@@ -244,9 +236,6 @@ class DetectionTask(L.LightningModule):
             steps_per_epoch=optimizer_steps_per_epoch(self.trainer),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def lr_scheduler_step(self, scheduler: MMCVLrSchedule, metric: Any) -> None:
-        scheduler.step_update(num_updates=self.global_step)
 
     def export_module(self) -> nn.Module:
         """The trained backbone as a full timm model (no classifier), so ``timm.create_model`` can load it."""

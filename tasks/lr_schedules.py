@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from timm.scheduler.scheduler import Scheduler
 
-from datamodules.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = ["MMCV_POLICIES", "MMCVLrSchedule", "optimizer_steps_per_epoch"]
 

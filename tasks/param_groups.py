@@ -18,7 +18,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from datamodules.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = ["create_adamw", "no_decay_parameter_names"]
 

@@ -17,23 +17,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as L
-import timm
+import numpy as np
+import torch
 import torch.nn.functional as F
+from PIL import Image
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
-from .backbone import ConfigError
-from .checkpoint_loading import pretrained_file_errors
-from .config_checks import backbone_errors
-from .export import backbone_from_features
+from core.errors import ConfigError
+from visualization.overlays import render_segmentation, to_uint8_image
+
+from .backbone import backbone_from_features, create_backbone
+from .base import StrataTask
 from .heads.segmentation_heads import FCNHead, SemanticFPNHead, UperNetHead
 from .lr_schedules import MMCVLrSchedule
 from .param_groups import create_adamw
-from .prediction_writer import SegmentationPredictionWriter
 from .segmentation_metrics import SegmentationMetrics
-from .training_health import ExcludedImages, NonFiniteLossGuard
 
 __all__ = ["SegmentationTask", "slide_inference"]
 
@@ -71,10 +70,19 @@ class SegmentationNet(nn.Module):
         head_channels: int | None,
         aux_head: bool,
         level_norm: bool,
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
-        self.backbone = timm.create_model(backbone, features_only=True, out_indices=(0, 1, 2, 3), **backbone_kwargs)
+        self.backbone = create_backbone(
+            backbone,
+            pretrained=pretrained,
+            pretrained_file=pretrained_file,
+            features_only=True,
+            out_indices=(0, 1, 2, 3),
+            **backbone_kwargs,
+        )
         channels = self.backbone.feature_info.channels()
         self.level_norms = nn.ModuleList(LayerNorm2d(c) if level_norm else nn.Identity() for c in channels)
         if head == "upernet":
@@ -95,7 +103,7 @@ class SegmentationNet(nn.Module):
         return logits, aux
 
 
-class SegmentationTask(L.LightningModule):
+class SegmentationTask(StrataTask):
     """Train and evaluate a semantic segmenter on ``timm.create_model(backbone, features_only=True)``.
 
     Args:
@@ -131,8 +139,12 @@ class SegmentationTask(L.LightningModule):
         flip: also predict on the flipped image and average (test-time augmentation).
         scales: extra test scales (e.g. ``[0.5, 0.75, 1.0, 1.25, 1.5, 1.75]``), logits averaged; None for single scale.
         max_nonfinite_steps: training steps with a non-finite loss that are skipped before the run stops
-            (``tasks/training_health.py``).
+            (``tasks/nonfinite.py``).
+        dataset_info: the data's class names and normalisation (linked from ``data.dataset_info``).
     """
+
+    task_name = "segmentation"
+    prediction_format = "segmentation"
 
     def __init__(
         self,
@@ -164,9 +176,10 @@ class SegmentationTask(L.LightningModule):
         flip: bool = False,
         scales: Sequence[float] | None = None,
         max_nonfinite_steps: int = 10,
+        dataset_info: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(max_nonfinite_steps, dataset_info)
+        self.save_hyperparameters(ignore=["dataset_info"])
         if head not in _HEADS:
             raise ConfigError(f"model.head {head!r} is not supported: use one of {', '.join(_HEADS)}")
         if schedule not in ("poly", "cosine"):
@@ -176,16 +189,19 @@ class SegmentationTask(L.LightningModule):
         kwargs = dict(backbone_kwargs or {})
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
-        if pretrained or pretrained_file:
-            kwargs["pretrained"] = True
-        if pretrained_file:
-            kwargs["pretrained_cfg_overlay"] = dict(file=pretrained_file)
         aux = head == "upernet" if aux_head is None else aux_head
-        with backbone_errors(backbone), pretrained_file_errors(pretrained_file, backbone):
-            self.model = SegmentationNet(backbone, num_classes, head, head_channels, aux, level_norm, **kwargs)
-        self.nonfinite_guard = NonFiniteLossGuard(max_nonfinite_steps)
+        self.model = SegmentationNet(
+            backbone,
+            num_classes,
+            head,
+            head_channels,
+            aux,
+            level_norm,
+            pretrained=pretrained,
+            pretrained_file=pretrained_file,
+            **kwargs,
+        )
         self.metrics = SegmentationMetrics(num_classes, ignore_index)
-        self.excluded_images = ExcludedImages()
         self.monitor = "val/mIoU"
 
     def forward(self, images: Tensor) -> Tensor:
@@ -206,25 +222,15 @@ class SegmentationTask(L.LightningModule):
                 total = total + F.interpolate(out, size=(height, width), mode="bilinear").softmax(1)
         return total / (len(scales) * (2 if hp.flip else 1))
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor], int]:
         images, masks = batch[0], batch[1]
-        self.nonfinite_guard.before_forward(self)
         logits, aux = self.model(images, with_aux=True)
         loss = F.cross_entropy(logits, masks, ignore_index=self.hparams.ignore_index)
-        self.log("train/loss_decode", loss, batch_size=len(images))
+        parts = {"loss_decode": loss}
         if aux is not None:
-            aux_loss = F.cross_entropy(aux, masks, ignore_index=self.hparams.ignore_index)
-            self.log("train/loss_aux", aux_loss, batch_size=len(images))
-            loss = loss + self.hparams.aux_weight * aux_loss
-        loss = self.nonfinite_guard(self, loss)
-        if self.nonfinite_guard.skipping:
-            return loss  # NOTE: a zero-gradient stand-in: every process drops this step (training_health.py)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=len(images))
-        return loss
-
-    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        self.nonfinite_guard.drop_skipped_step(self)
+            parts["loss_aux"] = F.cross_entropy(aux, masks, ignore_index=self.hparams.ignore_index)
+            loss = loss + self.hparams.aux_weight * parts["loss_aux"]
+        return loss, parts, len(images)
 
     def _predict_original_size(self, images: Tensor, size: Sequence[int]) -> Tensor:
         probs = self(images)
@@ -260,9 +266,27 @@ class SegmentationTask(L.LightningModule):
         ]
         return {"preds": preds, "names": [meta["name"] for meta in metas]}
 
-    def prediction_writer(self, run_dir: str) -> SegmentationPredictionWriter:
-        """The callback ``train.py predict`` adds: one PNG label map per image (ADE20K values: class + 1)."""
-        return SegmentationPredictionWriter(run_dir)
+    def input_sizes(self) -> dict[str, int]:
+        return {"model.slide_crop": int(self.hparams.slide_crop)} if self.hparams.inference == "slide" else {}
+
+    def render_predictions(self, batch: tuple, limit: int) -> list[Image.Image]:
+        """Image | ground truth | prediction label maps, for each of the first ``limit`` images (original sizes)."""
+        images, masks = batch[0][:limit], batch[1][:limit]
+        mean, std = self.dataset_info.get("mean"), self.dataset_info.get("std")
+        out = []
+        for image, target in zip(images, masks):
+            size = tuple(target.shape[-2:])
+            with torch.no_grad():
+                probs = F.interpolate(self(image[None]), size=size, mode="bilinear", align_corners=False)
+            shown = Image.fromarray(to_uint8_image(image, mean, std)).resize(size[::-1], Image.BILINEAR)
+            label_maps = probs.argmax(1)[0].cpu(), target.cpu()
+            names, hp = self.dataset_info.get("class_names"), self.hparams
+            out.append(
+                render_segmentation(
+                    np.asarray(shown), *label_maps, names, num_classes=hp.num_classes, ignore_index=hp.ignore_index
+                )
+            )
+        return out
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -284,9 +308,6 @@ class SegmentationTask(L.LightningModule):
             min_lr_ratio=hp.min_lr_ratio,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        scheduler.step_update(num_updates=self.global_step)
 
     def export_module(self) -> nn.Module:
         """The trained backbone as a full timm model (no classifier), so ``timm.create_model`` can load it."""

@@ -10,6 +10,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
+from core.errors import DataError
 from datamodules.ade20k import (
     ADE20KDataModule,
     CatMaxRatioCrop,
@@ -17,7 +18,6 @@ from datamodules.ade20k import (
     build_segmentation_transform,
     reduce_zero_label,
 )
-from datamodules.errors import DataError
 
 NUM_CLASSES = 5
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)

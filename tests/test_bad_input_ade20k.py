@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from core.errors import DataError
 from datamodules.ade20k import ADE20KDataModule
-from datamodules.errors import DataError
 
 STEMS = ("ADE_train_00000001", "ADE_train_00000002", "ADE_train_00000003")
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tasks.checkpoint_loading import CheckedCheckpointIO, CheckpointError, load_checkpoint_file
+from core.checkpoint_files import load_checkpoint_file
+from core.errors import CheckpointError
+from runs.checkpoint_io import CheckedCheckpointIO
 from tasks.classification import ClassificationTask
 from train import main
 

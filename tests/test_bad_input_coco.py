@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.errors import DataError
 from datamodules.coco import COCODataModule
-from datamodules.errors import DataError
 
 NAMES = ("a.jpg", "b.jpg", "c.jpg", "d.jpg")
 

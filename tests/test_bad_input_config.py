@@ -11,9 +11,10 @@ import pytest
 
 import datamodules.image_folder
 from blocks import create_block
-from datamodules.errors import ConfigError
+from core.errors import ConfigError
+from runs.config_checks import check_model_fits_data
+from tasks.backbone import backbone_errors
 from tasks.classification import ClassificationTask
-from tasks.config_checks import backbone_errors, check_model_fits_data
 from train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +39,11 @@ def test_a_keyword_the_backbone_does_not_take_is_a_config_error() -> None:
         ClassificationTask(backbone="strata_hybrid_pico", num_classes=4, backbone_kwargs={"block": "dual"})
 
 
-def _datamodule(**hparams) -> SimpleNamespace:
-    return SimpleNamespace(hparams=hparams, num_classes=hparams.pop("num_classes", 8), root="data/x")
+def _datamodule(img_size: int, num_classes: int = 8) -> SimpleNamespace:
+    """What ``check_model_fits_data`` reads of a datamodule (the data contract, ``datamodules/base.py``)."""
+    return SimpleNamespace(
+        num_classes=num_classes, input_sizes=lambda: {"data.img_size": img_size}, describe=lambda: "data/x"
+    )
 
 
 def test_num_classes_that_disagrees_with_the_dataset_is_a_config_error() -> None:
@@ -69,7 +73,7 @@ def test_cli_reports_a_too_small_image_before_reading_any_image(
     def no_reading(path: str) -> None:
         raise AssertionError(f"read {path} before the config check")
 
-    monkeypatch.setattr(datamodules.image_folder, "decode_rgb", no_reading)
+    monkeypatch.setattr(datamodules.image_folder, "decode_rgb_image", no_reading)
     argv = [
         "train.py",
         "fit",

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from core.errors import DataError
 from datamodules.decode import DecodeError, SkipCounter, decode_or_replace, decode_rgb
-from datamodules.errors import DataError
 from datamodules.image_folder import ImageFolderDataset
 from train import main
 

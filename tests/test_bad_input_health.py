@@ -18,8 +18,10 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from core.errors import TrainingHealthError
+from runs.health import RunHealth
 from tasks.classification import ClassificationTask
-from tasks.training_health import NonFiniteLossGuard, RunHealth, TrainingHealthError
+from tasks.nonfinite import NonFiniteLossGuard
 
 BATCHES = 6
 

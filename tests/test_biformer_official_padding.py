@@ -190,7 +190,8 @@ def test_mask_mode_differs_from_official_code() -> None:
 
 
 def test_pad_mode_survives_timm_export(tmp_path: Path) -> None:
-    from tasks.export import backbone_from_features, export_for_timm
+    from runs.export import export_for_timm
+    from tasks.backbone import backbone_from_features
 
     kwargs = dict(n_win=16, bra_pad_mode="official", embed_dims=(32, 64, 128, 256))
     features = timm.create_model("biformer_tiny", features_only=True, out_indices=(0, 1, 2, 3), **kwargs)

@@ -30,7 +30,7 @@ def _fake_trainer(task: ClassificationTask, *, steps: int, epochs: int, batch: i
         max_epochs=epochs,
         world_size=world,
         accumulate_grad_batches=accum,
-        datamodule=SimpleNamespace(hparams=SimpleNamespace(batch_size=batch)),
+        train_dataloader=SimpleNamespace(batch_size=batch),
     )
     task._trainer = trainer  # NOTE: LightningModule.trainer reads this attribute
     return trainer

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from core.errors import ConfigError, DataError
 from datamodules.coco import COCODataModule, collate_detection
-from datamodules.errors import ConfigError, DataError
 from datamodules.samplers import UnpaddedDistributedSampler
 
 # listed out of order on purpose: labels follow the sorted ids
@@ -359,7 +359,7 @@ def _mmcv_rescaled_hw(height: int, width: int, long_max: int, short_max: int, ra
 
 
 def test_keep_ratio_resize_uses_mmcvs_arithmetic() -> None:
-    from datamodules.transforms import KeepRatioResize
+    from datamodules.detection_transforms import KeepRatioResize
 
     rng = np.random.default_rng(0)
     cases = [(5, 10, 5, 100, 1.0), (375, 500, 1333, 800, 1.0), (480, 640, 2048, 512, 0.73)]  # 2.5 rounds up to 3

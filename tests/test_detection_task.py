@@ -174,7 +174,7 @@ def test_ground_truth_as_predictions_scores_ap_one(tmp_path: Path, iou_type: str
     assert stats[f"{iou_type}_AP"] == pytest.approx(1.0)
     assert stats[f"{iou_type}_AP50"] == pytest.approx(1.0)
 
-    evaluator.write_results(tmp_path / "pred.json")
+    (tmp_path / "pred.json").write_text(json.dumps(evaluator.records))  # what predictions_coco.json holds
     from pycocotools.coco import COCO
 
     loaded = COCO(str(tmp_path / "gt.json")).loadRes(str(tmp_path / "pred.json"))

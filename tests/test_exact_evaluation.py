@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import backbones  # noqa: F401  (registers strata_hybrid_pico with timm)
+from core.errors import ConfigError, DataError
 from datamodules.ade20k import collate_segmentation_excluding
 from datamodules.coco import COCODataModule, collate_detection_excluding
 from datamodules.decode import DecodeError, ExcludedSample, ExcludedSamples, decode_rgb, excluded_samples
-from datamodules.errors import ConfigError, DataError
 from datamodules.image_folder import ImageFolderDataset, collate_classification_excluding
 from datamodules.shapes_ade20k import write_ade20k_dataset
 from datamodules.shapes_coco import write_coco_dataset
@@ -256,7 +256,13 @@ def _validate_full_image_detector(root: Path, eval_undecodable: str) -> dict[str
         num_workers=0,
         eval_undecodable=eval_undecodable,
     )
-    task = DetectionTask("strata_hybrid_pico", num_classes=datamodule.num_classes, fpn_channels=16, roi_head_width=16)
+    task = DetectionTask(
+        "strata_hybrid_pico",
+        num_classes=datamodule.num_classes,
+        fpn_channels=16,
+        roi_head_width=16,
+        dataset_info=datamodule.dataset_info,
+    )
     labels = torch.arange(1, datamodule.num_classes + 1)
 
     def detect(images: list[torch.Tensor], output_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import ConfigError, DataError
 from datamodules.classification_transforms import SeededTimmTransform, build_eval_transform, build_train_transform
-from datamodules.errors import ConfigError, DataError
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.samplers import UnpaddedDistributedSampler
 from datamodules.shapes import SHAPE_CLASSES

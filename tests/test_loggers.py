@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.run_loggers import point_loggers_at_run
+from runs.loggers import point_loggers_at_run
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "0123456789abcdef-not-a-real-key-0123456789abcdef"

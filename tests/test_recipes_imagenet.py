@@ -51,7 +51,7 @@ def test_the_schedule_is_mains_per_epoch_cosine() -> None:
         accumulate_grad_batches=1,
         max_epochs=trainer_cfg["max_epochs"],
         world_size=world,
-        datamodule=SimpleNamespace(hparams=SimpleNamespace(batch_size=recipe["data"]["init_args"]["batch_size"])),
+        train_dataloader=SimpleNamespace(batch_size=recipe["data"]["init_args"]["batch_size"]),
     )
     config = task.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]

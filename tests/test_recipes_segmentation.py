@@ -143,8 +143,8 @@ def test_semfpn_test_resize_is_align_resize() -> None:
     import numpy as np
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+    from datamodules.detection_transforms import KeepRatioResize
     from datamodules.segmentation_transforms import build_segmentation_transform
-    from datamodules.transforms import KeepRatioResize
 
     transform = build_segmentation_transform(train=False, eval_short_side=512, eval_size_divisor=32)
     keep_ratio = A.Compose([KeepRatioResize(2048, 512)])

@@ -12,8 +12,8 @@ from PIL import Image
 from torch import nn
 
 import backbones  # noqa: F401  (registers the project's models)
+from runs.prediction_writers import SegmentationPredictionWriter
 from tasks.heads.segmentation_heads import FCNHead, SemanticFPNHead, UperNetHead
-from tasks.prediction_writer import SegmentationPredictionWriter
 from tasks.segmentation import SegmentationTask, slide_inference
 from tasks.segmentation_metrics import SegmentationMetrics
 

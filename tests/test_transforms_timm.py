@@ -28,6 +28,7 @@ from timm.data import auto_augment as timm_aa
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import InterpolationMode
 
+from core.errors import ConfigError
 from datamodules.classification_transforms import (
     SeededTimmTransform,
     build_eval_transform,
@@ -35,7 +36,6 @@ from datamodules.classification_transforms import (
     check_rand_augment,
     posterize_or_black,
 )
-from datamodules.errors import ConfigError
 from datamodules.loaders import sample_seed
 
 DEIT_SPEC = "rand-m9-mstd0.5-inc1"

@@ -1,4 +1,4 @@
-"""Attention capture and pictures (tasks/visualization/): captured tensors reproduce the blocks' outputs, the routing
+"""Attention capture and pictures (visualization/): captured tensors reproduce the blocks' outputs, the routing
 picture highlights exactly the model's top-k regions, capture off leaves outputs bit-identical, and every picture
 is a valid PNG of the expected size."""
 
@@ -19,14 +19,14 @@ from blocks.channel import EfficientChannelAttention, SqueezeExcite
 from blocks.coordinate import CoordinateAttention
 from blocks.dual import ChannelBlock, SpatialBlock
 from blocks.routing import BiLevelRoutingAttention, region_grid, use_masked_dense
-from tasks.visualization.attention_maps import (
+from visualization.attention_maps import (
     QUERY_COLOR,
     ROUTING_CAPTION_HEIGHT,
     render_attention_maps,
     render_routing,
     routing_zoom,
 )
-from tasks.visualization.capture import (
+from visualization.capture import (
     AttentionCapture,
     ChannelGroupRecord,
     ChannelWeightsRecord,

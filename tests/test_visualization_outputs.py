@@ -15,11 +15,11 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 
 import backbones  # noqa: F401  (registers the project's models)
+from runs.overlays import ValidationOverlays, log_images
+from runs.prediction_writers import CocoPredictionWriter, SegmentationPredictionWriter
 from tasks.coco_evaluation import detections_to_coco
-from tasks.prediction_writer import CocoPredictionWriter, SegmentationPredictionWriter
-from tasks.visualization.callbacks import ValidationOverlays, log_images, render_validation_batch
-from tasks.visualization.curves import plot_training_curves, read_metrics
-from tasks.visualization.overlays import (
+from visualization.curves import plot_training_curves, read_metrics
+from visualization.overlays import (
     IGNORE_COLOR,
     TITLE_HEIGHT,
     class_palette,
@@ -171,24 +171,21 @@ def test_segmentation_validation_overlays_at_the_original_size() -> None:
     from tasks.segmentation import SegmentationTask
 
     torch.manual_seed(0)
-    task = SegmentationTask("strata_hybrid_pico", num_classes=4, head="semfpn", head_channels=16).eval()
+    info = {"class_names": NAMES, "mean": MEAN, "std": STD}
+    task = SegmentationTask("strata_hybrid_pico", num_classes=4, head="semfpn", head_channels=16, dataset_info=info)
+    task.eval()
     images = torch.randn(2, 3, 64, 64)
     masks = [torch.randint(0, 4, (48, 40)), torch.randint(0, 4, (48, 40))]
-    datamodule = SimpleNamespace(class_names=NAMES, hparams={"mean": MEAN, "std": STD})
-    pictures = render_validation_batch(task, (images, masks, [{}, {}]), datamodule, limit=1)
+    pictures = task.render_predictions((images, masks, [{}, {}]), limit=1)
     assert len(pictures) == 1 and pictures[0].size[0] == 3 * 40 * default_zoom(48, 40)
 
 
 def test_predict_writers_draw_overlays(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     seg_writer = SegmentationPredictionWriter(tmp_path, max_overlays=1)
-    datamodule = SimpleNamespace(
-        class_names=NAMES,
-        hparams={"mean": MEAN, "std": STD},
-        category_id_to_label=lambda cid: {11: 1, 12: 2, 13: 3, 14: 4}[cid],
-    )
-    trainer = SimpleNamespace(datamodule=datamodule)
-    module = SimpleNamespace(hparams={"num_classes": 4, "ignore_index": 255})
+    trainer = SimpleNamespace(is_global_zero=True)
+    info = {"class_names": NAMES, "mean": MEAN, "std": STD, "category_ids": [11, 12, 13, 14]}
+    module = SimpleNamespace(hparams={"num_classes": 4, "ignore_index": 255}, dataset_info=info)
     preds = [torch.from_numpy(rng.integers(0, 4, (30, 20))) for _ in range(2)]
     batch = (torch.randn(2, 3, 32, 32), [p.clone() for p in preds], [{}, {}])
     seg_writer.write_on_batch_end(trainer, module, {"preds": preds, "names": ["a", "b"]}, None, batch, 0)
@@ -221,7 +218,7 @@ def _script(name: str):
 
 
 def test_visualize_command_attention_and_curves(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from tasks.export import export_for_timm
+    from runs.export import export_for_timm
 
     visualize = _script("visualize")
     image = tmp_path / "shape.png"

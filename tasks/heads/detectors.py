@@ -120,6 +120,8 @@ def build_detector(
     norm_eval: bool = False,
     freeze_bn: bool = False,
     frozen_stages: int = -1,
+    pretrained: bool = False,
+    pretrained_file: str | None = None,
     backbone_kwargs: dict[str, Any] | None = None,
     detector_kwargs: dict[str, Any] | None = None,
     roi_head_width: int | None = None,
@@ -143,6 +145,8 @@ def build_detector(
         norm_eval: BatchNorm statistics of the backbone fixed in training (mmdet ``norm_eval``).
         freeze_bn: frozen BatchNorm in the backbone (statistics and affine).
         frozen_stages: backbone levels frozen (-1: none).
+        pretrained: start the backbone from its default pretrained weights.
+        pretrained_file: start the backbone from this local weights file.
         backbone_kwargs: ``timm.create_model`` kwargs.
         detector_kwargs: torchvision detector kwargs (``score_thresh``, ``detections_per_img``, anchor generator...).
         roi_head_width: Mask R-CNN only: width of the mask head's four convs (box MLP: 4x this); None keeps the
@@ -160,6 +164,8 @@ def build_detector(
         norm_eval=norm_eval,
         freeze_bn=freeze_bn,
         frozen_stages=frozen_stages,
+        pretrained=pretrained,
+        pretrained_file=pretrained_file,
         **(backbone_kwargs or {}),
     )
     kwargs = {**MMDET_DEFAULTS[detector], **(detector_kwargs or {})}

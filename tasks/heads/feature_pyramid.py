@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-import timm
 from timm.layers import LayerNorm2d, freeze_batch_norm_2d
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
+
+from ..backbone import create_backbone
 
 __all__ = ["ExtraLevelsOnInput", "TimmFeaturePyramid"]
 
@@ -67,7 +68,9 @@ class TimmFeaturePyramid(nn.Module):
             parameters trained): mmdet's ``norm_eval=True``, what BiFormer's detection backbone sets.
         freeze_bn: replace the backbone's BatchNorm by frozen BatchNorm (statistics and affine fixed).
         frozen_stages: freeze the backbone up to and including level ``frozen_stages`` (-1: nothing frozen).
-        backbone_kwargs: passed to ``timm.create_model`` (``pretrained``, ``drop_path_rate``, ``n_win``, ...).
+        pretrained: start the backbone from its default pretrained weights.
+        pretrained_file: start the backbone from this local weights file (``tasks/backbone.py``).
+        backbone_kwargs: passed to ``timm.create_model`` (``drop_path_rate``, ``n_win``, ...).
     """
 
     def __init__(
@@ -80,12 +83,21 @@ class TimmFeaturePyramid(nn.Module):
         norm_eval: bool = False,
         freeze_bn: bool = False,
         frozen_stages: int = -1,
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
         if extra_blocks not in _EXTRA_BLOCKS:
             raise ValueError(f"extra_blocks={extra_blocks!r} must be one of {_EXTRA_BLOCKS}")
-        self.body = timm.create_model(backbone, features_only=True, out_indices=tuple(out_indices), **backbone_kwargs)
+        self.body = create_backbone(
+            backbone,
+            pretrained=pretrained,
+            pretrained_file=pretrained_file,
+            features_only=True,
+            out_indices=tuple(out_indices),
+            **backbone_kwargs,
+        )
         channels = self.body.feature_info.channels()
         self.level_norms = nn.ModuleList(LayerNorm2d(c) if level_norm else nn.Identity() for c in channels)
         extra: ExtraFPNBlock | None = None

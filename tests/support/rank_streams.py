@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tasks.fault_tolerance import RandomStateCheckpoint
+from runs.random_streams import RandomStateCheckpoint
 
 
 def _draws() -> dict[str, list[float]]:

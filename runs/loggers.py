@@ -6,10 +6,14 @@
   the API key from the environment; nothing here copies it into a config, log or checkpoint.
 - TensorBoard: event files under ``<run>/tensorboard``.
 - CSV: ``train.py`` always adds one (``<run>/metrics.csv``).
+
+``AppendingCSVLogger``: ``metrics.csv`` that survives a resume (Lightning's CSV writer deletes an existing file when it
+starts).
 """
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import secrets
@@ -17,7 +21,13 @@ import string
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WANDB_ID_FILE", "has_wandb_credentials", "point_loggers_at_run", "wandb_run_id"]
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from core.files import write_text_atomically
+
+__all__ = ["WANDB_ID_FILE", "AppendingCSVLogger", "has_wandb_credentials", "point_loggers_at_run", "wandb_run_id"]
 
 WANDB_ID_FILE = "wandb_run_id"
 _WANDB = "WandbLogger"
@@ -42,9 +52,7 @@ def wandb_run_id(run_dir: Path) -> str:
     alphabet = string.ascii_lowercase + string.digits
     run_id = "".join(secrets.choice(alphabet) for _ in range(8))
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, run_id + "\n")
     return run_id
 
 
@@ -85,3 +93,31 @@ def point_loggers_at_run(logger_config: Any, run_dir: Path, run_name: str, *, wr
         if not os.environ.get("WANDB_MODE") and not has_wandb_credentials():
             init_args["offline"] = True
             os.environ["WANDB_MODE"] = "offline"  # NOTE: child DDP processes inherit it
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Keeps an existing ``metrics.csv`` and appends to it, starting from its header's columns."""
+
+    def _check_log_dir_exists(self) -> None:
+        if not os.path.isfile(self.metrics_file_path):
+            return
+        with open(self.metrics_file_path, newline="") as file:
+            header = next(csv.reader(file), [])
+        self.metrics_keys = sorted(set(header))
+
+
+class AppendingCSVLogger(CSVLogger):
+    """``CSVLogger`` whose ``metrics.csv`` keeps the rows of earlier attempts of the same run.
+
+    A resumed ``fit`` appends its rows (new columns rewrite the header, as Lightning's writer does), so the file holds
+    the whole history. Rows that an interrupted attempt logged after its last checkpoint stay in the file; the resumed
+    attempt logs those steps again.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment

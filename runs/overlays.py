@@ -1,79 +1,25 @@
 """Validation overlays: a Lightning callback that draws the same few validation images' predictions every epoch.
 
 The images are the first ``num_images`` of the (unshuffled) validation loader on rank 0, so epochs compare like for
-like. Pictures go to ``<run>/visualizations/epoch<E>/val_<i>.png`` and to the active loggers: wandb
-(``WandbLogger.log_image``), TensorBoard (``experiment.add_image``); with only the CSV logger, files only.
+like; the task draws them (``render_predictions`` of the task contract, ``tasks/base.py``). Pictures go to
+``<run>/visualizations/epoch<E>/val_<i>.png`` and to the active loggers: wandb (``WandbLogger.log_image``),
+TensorBoard (``experiment.add_image``); with only the CSV logger, files only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
 import numpy as np
-import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from .overlays import render_classification, render_detection, render_segmentation, to_uint8_image
+from core.files import write_atomically
+from tasks.base import StrataTask
 
-__all__ = ["ValidationOverlays", "log_images", "render_validation_batch"]
-
-
-def _norm(datamodule: Any) -> tuple[Sequence[float] | None, Sequence[float] | None]:
-    hp = getattr(datamodule, "hparams", {})
-    return hp.get("mean"), hp.get("std")
-
-
-def render_validation_batch(pl_module: L.LightningModule, batch: Any, datamodule: Any, limit: int) -> list[Image.Image]:
-    """Overlays of the first ``limit`` images of a validation batch, predicted by ``pl_module`` (no grad).
-
-    Classification: one strip of tiles with predicted and true names; detection: prediction | ground truth with
-    boxes and masks; segmentation: image | ground truth | prediction label maps.
-    """
-    from ..classification import ClassificationTask
-    from ..detection import DetectionTask
-    from ..segmentation import SegmentationTask
-
-    names = getattr(datamodule, "class_names", None)
-    mean, std = _norm(datamodule)
-    if limit <= 0:
-        return []
-    with torch.no_grad():
-        if isinstance(pl_module, ClassificationTask):
-            images, targets = batch[0][:limit], batch[1][:limit]
-            probs = pl_module(images).softmax(-1)
-            tiles = [to_uint8_image(image, mean, std) for image in images]
-            return [render_classification(tiles, probs, targets.tolist(), names)]
-        if isinstance(pl_module, DetectionTask):
-            images, targets = list(batch[0][:limit]), list(batch[1][:limit])
-            detections = pl_module(images)
-            return [
-                render_detection(to_uint8_image(image), det, target, names)
-                for image, det, target in zip(images, detections, targets)
-            ]
-        if isinstance(pl_module, SegmentationTask):
-            images, masks = batch[0][:limit], batch[1][:limit]
-            out = []
-            for image, target in zip(images, masks):
-                size = tuple(target.shape[-2:])
-                probs = F.interpolate(pl_module(image[None]), size=size, mode="bilinear", align_corners=False)
-                shown = Image.fromarray(to_uint8_image(image, mean, std)).resize(size[::-1], Image.BILINEAR)
-                out.append(
-                    render_segmentation(
-                        np.asarray(shown),
-                        probs.argmax(1)[0].cpu(),
-                        target.cpu(),
-                        names,
-                        num_classes=pl_module.hparams.num_classes,
-                        ignore_index=pl_module.hparams.ignore_index,
-                    )
-                )
-            return out
-    return []
+__all__ = ["ValidationOverlays", "log_images"]
 
 
 def log_images(trainer: L.Trainer, key: str, images: list[Image.Image]) -> None:
@@ -119,7 +65,7 @@ class ValidationOverlays(L.Callback):
     def on_validation_batch_end(
         self,
         trainer: L.Trainer,
-        pl_module: L.LightningModule,
+        pl_module: StrataTask,
         outputs: Any,
         batch: Any,
         batch_idx: int,
@@ -129,14 +75,13 @@ class ValidationOverlays(L.Callback):
             return  # NOTE: an empty batch is one whose images were all excluded (data.eval_undecodable exclude)
         limit = self.num_images - self._seen
         self._seen += min(limit, len(batch[0]))
-        self._pictures += render_validation_batch(pl_module, batch, trainer.datamodule, limit)
+        self._pictures += pl_module.render_predictions(batch, limit)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._pictures:
             return
         folder = self.run_dir / "visualizations" / f"epoch{trainer.current_epoch:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
         for i, picture in enumerate(self._pictures):
-            picture.save(folder / f"val_{i}.png")
+            write_atomically(folder / f"val_{i}.png", lambda f, picture=picture: picture.save(f, format="PNG"))
         log_images(trainer, "val/predictions", self._pictures)
         self._pictures = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
-__all__ = ["ConfigError", "DataError", "UserError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "TrainingHealthError", "UserError"]
 
 # NOTE: torch re-raises a worker's exception as exc_type(f"Caught {name} {where}.\nOriginal {traceback}")
 _RERAISED = re.compile(r"Caught \w+ in (DataLoader worker process \d+|pin memory thread[^.]*)\.\nOriginal Traceback")
@@ -41,3 +41,11 @@ class DataError(UserError):
 
 class ConfigError(UserError):
     """A config value that cannot work: an unknown model name, a metric that is never logged."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: missing, truncated, corrupt, unsafe to unpickle, or of another model."""
+
+
+class TrainingHealthError(UserError):
+    """Training cannot go on: too many non-finite losses or non-finite weights."""

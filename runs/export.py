@@ -14,17 +14,17 @@ from its pretrained cfg's (1000 for ImageNet models).
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import timm
 from timm.models import save_for_hf
 from torch import nn
 
-__all__ = ["backbone_from_features", "export_for_timm"]
+from core.files import move_into_place
+
+__all__ = ["export_for_timm"]
 
 
 def export_for_timm(
@@ -58,28 +58,5 @@ def export_for_timm(
             pretrained_cfg["label_names"] = list(label_names)
         (Path(tmp) / "pretrained_cfg.json").write_text(json.dumps(pretrained_cfg, indent=2) + "\n")
         for name in ("model.safetensors", "config.json", "pretrained_cfg.json"):
-            os.replace(Path(tmp) / name, run_dir / name)
+            move_into_place(Path(tmp) / name, run_dir / name)
     return run_dir / "model.safetensors"
-
-
-def backbone_from_features(name: str, features: nn.Module, **kwargs: Any) -> nn.Module:
-    """The full timm model ``name`` (no classifier) holding the weights of its ``features_only`` version ``features``.
-
-    Dense tasks train ``timm.create_model(name, features_only=True)``, whose state dict flattens nested module names
-    (``stages.0`` -> ``stages_0``); this maps them back so the trained backbone exports in timm's layout. Modules the
-    features model lacks (the final norm) keep their initialisation.
-    """
-    full = timm.create_model(name, num_classes=0, **kwargs)
-    full_keys = set(full.state_dict())
-    state = {}
-    for key, value in features.state_dict().items():
-        match = next((k for k in (key, key.replace("_", ".", 1)) if k in full_keys), None)
-        if match is None:
-            raise RuntimeError(f"backbone key {key!r} has no counterpart in {name}")
-        state[match] = value
-    used = {k.split(".")[0] for k in state}
-    missing = {k for k in full_keys - set(state) if k.split(".")[0] in used and not k.endswith("num_batches_tracked")}
-    if missing:
-        raise RuntimeError(f"the trained backbone lacks {sorted(missing)[:5]} of {name}")
-    full.load_state_dict(state, strict=False)
-    return full

@@ -14,10 +14,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-from .checkpoint_loading import load_checkpoint_file
+from core.checkpoint_files import load_checkpoint_file
+from core.files import write_text_atomically
+from datamodules.base import StrataDataModule
+from tasks.base import StrataTask
+from visualization.curves import plot_training_curves
+
 from .export import export_for_timm
-from .training_health import health_summary
-from .visualization.curves import plot_training_curves
+from .health import health_summary
 
 __all__ = ["RunArtifacts"]
 
@@ -67,26 +71,25 @@ class RunArtifacts(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._mark = None
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: StrataTask) -> None:
         self._finish(trainer, pl_module)
 
     @rank_zero_only
-    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _finish(self, trainer: L.Trainer, pl_module: StrataTask) -> None:
         checkpoint = trainer.checkpoint_callback
         best_path = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
         exported = None
         if best_path and os.path.isfile(best_path):
             exported = self._export_best(trainer, pl_module, best_path)
-        monitor = getattr(pl_module, "monitor", None)
         best = checkpoint.best_model_score if isinstance(checkpoint, ModelCheckpoint) else None
-        datamodule = trainer.datamodule
+        datamodule: StrataDataModule = trainer.datamodule
         summary = {
             "task": type(pl_module).__name__,
             "backbone": pl_module.hparams.get("backbone"),
-            "data": str(getattr(datamodule, "root", type(datamodule).__name__)),
+            "data": datamodule.describe(),
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
-            "monitor": monitor,
+            "monitor": pl_module.monitor,
             "best_metric": _plain(best),
             "best_checkpoint": best_path or None,
             "final_metrics": {k: _plain(v) for k, v in sorted(trainer.callback_metrics.items())},
@@ -94,30 +97,22 @@ class RunArtifacts(L.Callback):
             "wall_seconds": round(time.perf_counter() - self._fit_start, 2),
             **health_summary(trainer, pl_module),  # skipped_samples, nonfinite/overflow_steps, excluded_eval_images
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         plot_training_curves(self.run_dir)
         self._print_screen(summary, exported)
 
-    def _export_best(self, trainer: L.Trainer, pl_module: L.LightningModule, best_path: str) -> Path:
+    def _export_best(self, trainer: L.Trainer, pl_module: StrataTask, best_path: str) -> Path:
         """Load ``best.ckpt`` into a copy of the task on CPU and export its weights."""
         state = load_checkpoint_file(best_path)["state_dict"]
         current = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         pl_module.load_state_dict(state)
         try:
-            datamodule = trainer.datamodule
-            hp = getattr(datamodule, "hparams", {})
-            data_config = {
-                key: tuple(hp[key]) if isinstance(hp[key], (list, tuple)) else hp[key]
-                for key in ("crop_pct", "interpolation", "mean", "std")
-                if key in hp
-            }
-            if "img_size" in hp:
-                data_config["input_size"] = (3, hp["img_size"], hp["img_size"])
+            datamodule: StrataDataModule = trainer.datamodule
             return export_for_timm(
                 pl_module.export_module(),
                 self.run_dir,
-                data_config=data_config,
-                label_names=getattr(datamodule, "class_names", None),
+                data_config=datamodule.timm_data_config(),
+                label_names=datamodule.class_names,
             )
         finally:
             pl_module.load_state_dict(current)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from core.files import write_atomically
+
 __all__ = ["plot_training_curves", "read_metrics"]
 
 # NOTE: COCO logs 12 numbers per IoU type; the curves show the headline ones
@@ -105,7 +107,5 @@ def plot_training_curves(run_dir: str | Path) -> Path | None:
     fig.suptitle(run_dir.name, fontsize=10)
     fig.tight_layout()
     out = run_dir / "curves.png"
-    tmp = out.with_name(".curves.png.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    tmp.replace(out)
+    write_atomically(out, lambda f: fig.savefig(f, dpi=100, format="png"))
     return out

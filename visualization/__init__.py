@@ -6,6 +6,6 @@
 * ``callbacks.py``: :class:`ValidationOverlays`, overlays of fixed validation images logged every epoch;
 * ``curves.py``: :func:`plot_training_curves`, ``<run>/curves.png`` from ``metrics.csv``.
 
-Modules are imported on use (``from tasks.visualization.curves import plot_training_curves``), so importing a task
+Modules are imported on use (``from visualization.curves import plot_training_curves``), so importing a task
 does not pull in matplotlib.
 """

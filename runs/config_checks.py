@@ -1,43 +1,22 @@
 """Config checks that need both the model and the data, run by ``train.py`` before any image is read.
 
 ``check_model_fits_data`` compares the task's ``num_classes`` with the datamodule's and every input size the
-datamodule will feed (classification ``img_size``; ADE20K ``crop_size``, ``eval_short_side`` and the task's slide
-crop; COCO the shortest side of ``img_scale``, ``multi_scale`` and the jitter crop) with the backbone's total stride
+datamodule and the task declare (``input_sizes()`` of the data and task contracts: classification ``img_size``;
+ADE20K ``crop_size``, ``eval_short_side`` and the task's slide crop; COCO the shortest side of ``img_scale`` and
+``multi_scale``) with the backbone's total stride
 (the largest ``feature_info`` reduction) and, for models with a fixed input size (``pretrained_cfg``
-``fixed_input_size``, e.g. ViTs with absolute position embeddings), with that size. ``backbone_errors`` turns the
-block factory's unknown-name ``ValueError`` (which lists the closest names) and a keyword argument the model does not
-take into one-line ``ConfigError``s.
+``fixed_input_size``, e.g. ViTs with absolute position embeddings), with that size.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from typing import Any
-
 from torch import nn
 
-from datamodules.errors import ConfigError
+from core.errors import ConfigError
+from datamodules.base import StrataDataModule
+from tasks.base import StrataTask
 
-__all__ = ["backbone_errors", "backbone_stride", "check_model_fits_data", "data_input_sizes"]
-
-
-@contextlib.contextmanager
-def backbone_errors(backbone: str = "the backbone") -> Iterator[None]:
-    """Around building a backbone: an unknown block name (the closest names kept) or a keyword the model does not
-    take becomes a one-line ``ConfigError``."""
-    try:
-        yield
-    except ValueError as error:
-        if not str(error).startswith("unknown block"):
-            raise
-        raise ConfigError(f"{error} (model.backbone_kwargs)") from None
-    except TypeError as error:
-        if "keyword argument" not in str(error):
-            raise
-        raise ConfigError(
-            f"model.backbone_kwargs do not fit {backbone} ({error}): drop the argument or use a backbone taking it"
-        ) from None
+__all__ = ["backbone_stride", "check_model_fits_data", "data_input_sizes"]
 
 
 def _find_backbone(model: nn.Module) -> nn.Module | None:
@@ -67,34 +46,19 @@ def backbone_stride(backbone: nn.Module) -> int | None:
     return max(reductions) if reductions else None
 
 
-def data_input_sizes(datamodule: Any, model: Any = None) -> dict[str, int]:
-    """``{argument: smallest image side}`` for every input size the datamodule (and the task's inference) uses."""
-    hp = getattr(datamodule, "hparams", {}) or {}
-    sizes: dict[str, int] = {}
-    if "img_size" in hp:
-        sizes["data.img_size"] = int(hp["img_size"])
-    if "crop_size" in hp:
-        sizes["data.crop_size"] = int(hp["crop_size"])
-    if "eval_short_side" in hp:
-        sizes["data.eval_short_side"] = int(hp["eval_short_side"])
-    if hp.get("img_scale"):
-        sizes["data.img_scale"] = int(min(hp["img_scale"]))
-    if hp.get("multi_scale"):
-        sizes["data.multi_scale"] = int(min(hp["multi_scale"]))
-    model_hp = getattr(model, "hparams", {}) or {}
-    if model_hp.get("inference") == "slide":
-        sizes["model.slide_crop"] = int(model_hp["slide_crop"])
-    return sizes
+def data_input_sizes(datamodule: StrataDataModule, model: StrataTask) -> dict[str, int]:
+    """``{argument: smallest image side}`` for every input size the datamodule and the task's inference use."""
+    return {**datamodule.input_sizes(), **model.input_sizes()}
 
 
-def check_model_fits_data(model: nn.Module, datamodule: Any) -> None:
+def check_model_fits_data(model: StrataTask, datamodule: StrataDataModule) -> None:
     """Raise a one-line ``ConfigError`` when the model cannot work on the datamodule's data (see the module doc)."""
-    hp = getattr(model, "hparams", {}) or {}
-    data_classes = getattr(datamodule, "num_classes", None)
-    if data_classes is not None and "num_classes" in hp and int(hp["num_classes"]) != int(data_classes):
+    hp = model.hparams
+    data_classes = datamodule.num_classes
+    if "num_classes" in hp and int(hp["num_classes"]) != int(data_classes):
         raise ConfigError(
             f"model.num_classes {hp['num_classes']} does not match the {data_classes} classes of the data "
-            f"({getattr(datamodule, 'root', type(datamodule).__name__)}): leave model.num_classes unset "
+            f"({datamodule.describe()}): leave model.num_classes unset "
             "(train.py links it from the data) or point data.root at the right dataset"
         )
     backbone = _find_backbone(model)
