@@ -389,7 +389,7 @@ def _check_replaceable(root: Path, entries: frozenset[str], generator: str) -> N
         )
 
 
-def write_atomically(
+def build_dataset_atomically(
     root: Path,
     manifest: dict,
     entries: frozenset[str],
@@ -495,7 +495,7 @@ def write_classification_dataset(
                     Image.fromarray(image).save(folder / f"{name}_{idx:05d}.JPEG", quality=_JPEG_QUALITY)
         (staging / "class_names.txt").write_text("".join(f"{name}\n" for name in sorted(SHAPE_CLASSES)))
 
-    return write_atomically(root, manifest, _LAYOUT_ENTRIES, "shapes generator", fill, overwrite)
+    return build_dataset_atomically(root, manifest, _LAYOUT_ENTRIES, "shapes generator", fill, overwrite)
 
 
 def ensure_demo_data(root: str | Path = "data/demo") -> Path:

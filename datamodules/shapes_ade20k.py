@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .shapes import _JPEG_QUALITY, GENERATOR_VERSION, SHAPE_CLASSES, Scene, render_scene, write_atomically
+from .shapes import _JPEG_QUALITY, GENERATOR_VERSION, SHAPE_CLASSES, Scene, build_dataset_atomically, render_scene
 
 __all__ = [
     "ADE_GENERATOR_VERSION",
@@ -146,7 +146,7 @@ def write_ade20k_dataset(
             _write_split(staging, folder, tag, seed, split_id, count, image_size)
         (staging / "class_names.txt").write_text("".join(f"{name}\n" for name in SHAPE_CLASSES))
 
-    return write_atomically(root, manifest, _LAYOUT_ENTRIES, "shapes ADE20K generator", fill, overwrite)
+    return build_dataset_atomically(root, manifest, _LAYOUT_ENTRIES, "shapes ADE20K generator", fill, overwrite)
 
 
 def ensure_demo_ade20k(root: str | Path = "data/demo") -> Path:

@@ -36,8 +36,8 @@ from .shapes import (
     _disc_hits,
     _mask_box,
     _pick_colour,
+    build_dataset_atomically,
     render_scene,
-    write_atomically,
 )
 
 __all__ = [
@@ -329,7 +329,7 @@ def write_coco_dataset(
             annotation_file.write_text(json.dumps(dataset, separators=(",", ":")))
             first_id += count
 
-    return write_atomically(root, manifest, _LAYOUT_ENTRIES, "shapes COCO generator", fill, overwrite)
+    return build_dataset_atomically(root, manifest, _LAYOUT_ENTRIES, "shapes COCO generator", fill, overwrite)
 
 
 def ensure_demo_coco(root: str | Path = "data/demo") -> Path:
