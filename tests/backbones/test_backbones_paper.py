@@ -39,13 +39,7 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These inputs are tiny; one intra-op thread avoids spin-wait slowdowns when the CPU cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _create(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:

@@ -6,10 +6,8 @@ intermediates, classifier reset, checkpointing, pretrained loading) on small inp
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-from pathlib import Path
 
 import pytest
 import timm
@@ -23,12 +21,9 @@ import backbones  # noqa: F401  (registers the models)
 from backbones import attention_resnets, mobilenetv2_ca
 from blocks.channel import EfficientChannelAttention, SqueezeExcite
 from blocks.coordinate import CoordinateAttention
+from tests.support.scripts import load_script
 
-_spec = importlib.util.spec_from_file_location(
-    "inspect_models", Path(__file__).resolve().parents[1] / "scripts" / "inspect_models.py"
-)
-inspect_models = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(inspect_models)
+inspect_models = load_script("inspect_models")
 
 MODELS = ["mobilenetv2_100_ca", "strata_resnet50_ca", "resnet50_eca_k3557"]
 NUM_CLASSES = 7

@@ -26,7 +26,7 @@ import backbones  # noqa: F401  (registers the models)
 from blocks import routing
 from blocks.routing import BiLevelRoutingAttention
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "biformer_official_padding.safetensors"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "biformer_official_padding.safetensors"
 BRA = dict(dim=64, num_heads=2, n_win=16, topk=4)
 BRA_CASES = {"bra_25x42": (25, 42), "bra_32x42": (32, 42), "bra_25x48": (25, 48)}  # both / W only / H only padded
 BACKBONE = dict(name="biformer_tiny", n_win=16, input_size=(2, 3, 100, 168))  # stage maps 25x42 13x21 7x11 4x6
@@ -36,12 +36,7 @@ KERNELS = [pytest.param(p, torch.float32, id=f"{p}-fp32") for p in ("routed", "m
 KERNELS += [pytest.param(p, torch.float64, id=f"{p}-fp64") for p in ("routed", "reference")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seeded_state(state: dict[str, Tensor], seed: int) -> dict[str, Tensor]:

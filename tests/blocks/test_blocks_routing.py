@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,9 @@ import torch.nn.functional as F
 
 from blocks import create_block, list_blocks, routing
 from blocks.routing import AttentionLePE, BiFormerBlock, BiLevelRoutingAttention, region_grid, use_masked_dense
+from tests.support.scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pair(dim: int, heads: int, n_win: int, topk: int, **kwargs) -> tuple[BiLevelRoutingAttention, ...]:
@@ -335,9 +335,7 @@ def test_bad_arguments_raise_value_error() -> None:
 
 
 def test_benchmark_script_runs_and_writes_csv(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("benchmark_bra", ROOT / "scripts" / "benchmark_bra.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmark_bra")
     out = tmp_path / "bra.csv"
     assert bench.main(["--shapes", "smoke", "--repeats", "1", "--warmup", "0", "--csv", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))

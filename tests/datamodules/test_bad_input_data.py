@@ -17,9 +17,8 @@ from torch.utils.data import DataLoader
 from core.errors import DataError
 from datamodules.decode import DecodeError, SkipCounter, decode_or_replace, decode_rgb
 from datamodules.image_folder import ImageFolderDataset
+from tests.support.cli import TINY_CLASSIFY, train_args
 from train import main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _colour_image(h: int = 16, w: int = 24) -> np.ndarray:
@@ -133,35 +132,9 @@ def test_a_run_of_undecodable_samples_is_a_data_error() -> None:
 
 
 def _cli(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train.py",
-        "fit",
-        "--config",
-        str(REPO / "configs" / "demo" / "classify.yaml"),
-        "--name",
-        "bad",
-        "--out_dir",
-        str(out),
-        "--data.init_args.root",
-        str(data),
-        "--data.init_args.img_size",
-        "32",
-        "--data.init_args.batch_size",
-        "16",
-        "--data.init_args.num_workers",
-        "0",
-        "--model.init_args.backbone",
-        "test_resnet",
-        "--model.init_args.ema_decay",
-        "null",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        *extra,
-    ]
+    """``sys.argv`` of a one-epoch fit of the tiny classification config."""
+    quick = ["--data.init_args.batch_size", "16", "--model.init_args.ema_decay", "null", "--trainer.max_epochs", "1"]
+    return ["train.py", *train_args("fit", TINY_CLASSIFY, data, out, "bad", *quick, *extra)]
 
 
 def _with_broken_training_files(tiny_imagenet: Path, root: Path, count: int) -> Path:

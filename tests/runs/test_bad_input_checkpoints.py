@@ -17,7 +17,7 @@ from runs.checkpoint_io import CheckedCheckpointIO
 from tasks.classification import ClassificationTask
 from train import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class NotATensor:

@@ -17,7 +17,7 @@ from tasks.backbone import backbone_errors
 from tasks.classification import ClassificationTask
 from train import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_unknown_backbone_lists_the_closest_names() -> None:

@@ -191,7 +191,7 @@ def test_ddp_ranks_skip_the_same_steps(tmp_path: Path) -> None:
     script = tmp_path / "ddp_guard.py"
     script.write_text(_DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     out = subprocess.run(
         [sys.executable, str(script), repo], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
     )

@@ -13,45 +13,21 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from datamodules.shapes_coco import write_coco_dataset
+from tests.support.cli import REPO, TINY_DETECT, train_args
 from train import cli_main
 
-REPO = Path(__file__).resolve().parents[1]
 DETECT_CONFIG = str(REPO / "configs" / "demo" / "detect.yaml")
 
 
 def _args(subcommand: str, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        subcommand,
-        "--config",
-        DETECT_CONFIG,
-        "--name",
-        "det",
-        "--out_dir",
-        str(out),
-        "--data.init_args.root",
-        str(data),
-        "--data.init_args.img_scale",
-        "[64, 64]",
-        "--data.init_args.batch_size",
-        "4",
-        "--data.init_args.num_workers",
-        "0",
-        "--model.init_args.backbone_kwargs",
-        "{n_win: 2, window_size: 2}",
-        "--model.init_args.detector_kwargs.box_score_thresh",
-        "0.0",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        *extra,
-    ]
+    return train_args(
+        subcommand, TINY_DETECT, data, out, "det", "--model.init_args.detector_kwargs.box_score_thresh", "0.0", *extra
+    )
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    data = write_coco_dataset(tmp_path_factory.mktemp("coco"), num_train=8, num_val=4, image_size=64)
+def fitted(tmp_path_factory: pytest.TempPathFactory, tiny_coco: Path) -> tuple[Path, Path]:
+    data = tiny_coco
     out = tmp_path_factory.mktemp("runs")
     torch.set_num_threads(1)
     cli_main(_args("fit", data, out, "--trainer.max_epochs", "1"))

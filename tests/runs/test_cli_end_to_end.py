@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,37 +14,12 @@ import timm
 import torch
 import yaml
 
+from tests.support.cli import TINY_CLASSIFY, run_train, train_args
 from train import cli_main
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = str(REPO / "configs" / "demo" / "classify.yaml")
 
 
 def _args(subcommand: str, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        subcommand,
-        "--config",
-        DEMO_CONFIG,
-        "--name",
-        "e2e",
-        "--out_dir",
-        str(out),
-        "--data.init_args.root",
-        str(data),
-        "--data.init_args.img_size",
-        "32",
-        "--data.init_args.batch_size",
-        "16",
-        "--data.init_args.num_workers",
-        "0",
-        "--model.init_args.backbone",
-        "test_resnet",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        *extra,
-    ]
+    return train_args(subcommand, TINY_CLASSIFY, data, out, "e2e", "--data.init_args.batch_size", "16", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +104,7 @@ def test_rerun_resumes_from_last_checkpoint(fitted_run: Path, tiny_imagenet: Pat
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
-    )
+    return run_train(list(args), env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:

@@ -10,52 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.shapes_ade20k import write_ade20k_dataset
 from tasks.segmentation_metrics import SegmentationMetrics
+from tests.support.cli import REPO, TINY_SEGMENT, train_args
 from train import cli_main
 
-REPO = Path(__file__).resolve().parents[1]
 SEGMENT_CONFIG = str(REPO / "configs" / "demo" / "segment.yaml")
 
 
 def _args(subcommand: str, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        subcommand,
-        "--config",
-        SEGMENT_CONFIG,
-        "--name",
-        "seg",
-        "--out_dir",
-        str(out),
-        "--data.init_args.root",
-        str(data),
-        "--data.init_args.crop_size",
-        "64",
-        "--data.init_args.scale",
-        "[128, 64]",
-        "--data.init_args.eval_short_side",
-        "64",
-        "--data.init_args.batch_size",
-        "4",
-        "--data.init_args.num_workers",
-        "0",
-        "--model.init_args.pretrained_file",
-        "null",
-        "--model.init_args.backbone_kwargs",
-        "{n_win: 2, window_size: 2}",
-        "--model.init_args.head_channels",
-        "16",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        *extra,
-    ]
+    return train_args(subcommand, TINY_SEGMENT, data, out, "seg", *extra)
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    data = write_ade20k_dataset(tmp_path_factory.mktemp("ade"), num_train=8, num_val=3, image_size=64)
+def fitted(tmp_path_factory: pytest.TempPathFactory, tiny_ade20k: Path) -> tuple[Path, Path]:
+    data = tiny_ade20k
     out = tmp_path_factory.mktemp("runs")
     torch.set_num_threads(1)
     cli_main(_args("fit", data, out, "--trainer.max_epochs", "1"))

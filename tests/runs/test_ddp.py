@@ -7,7 +7,6 @@ and shift the metric; the project's sampler must not.
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import subprocess
 import sys
@@ -18,70 +17,16 @@ import torch
 
 from datamodules.shapes import write_classification_dataset
 from datamodules.shapes_ade20k import write_ade20k_dataset
+from tests.support.cli import REPO, TINY_CLASSIFY, TINY_SEGMENT, run_train, train_args
 
-REPO = Path(__file__).resolve().parents[1]
-
-CLASSIFY = [
-    "--config",
-    "configs/demo/classify.yaml",
-    "--data.init_args.img_size",
-    "32",
-    "--data.init_args.batch_size",
-    "8",
-    "--model.init_args.backbone",
-    "test_resnet",
-]
-SEGMENT = [
-    "--config",
-    "configs/demo/segment.yaml",
-    "--model.init_args.pretrained_file",
-    "null",
-    "--data.init_args.crop_size",
-    "64",
-    "--data.init_args.scale",
-    "[128, 64]",
-    "--data.init_args.eval_short_side",
-    "64",
-    "--data.init_args.batch_size",
-    "2",
-    "--data.init_args.eval_batch_size",
-    "2",
-    "--model.init_args.backbone_kwargs",
-    "{n_win: 2, window_size: 2}",
-    "--model.init_args.head_channels",
-    "16",
-]
+CLASSIFY = [*TINY_CLASSIFY, "--data.init_args.batch_size", "8"]
+SEGMENT = [*TINY_SEGMENT, "--data.init_args.batch_size", "2", "--data.init_args.eval_batch_size", "2"]
 
 
 def _run(subcommand: str, task_args: list[str], data: Path, out: Path, devices: int) -> subprocess.CompletedProcess:
-    args = [
-        sys.executable,
-        "train.py",
-        subcommand,
-        *task_args,
-        "--name",
-        "ddp",
-        "--out_dir",
-        str(out),
-        "--data.init_args.root",
-        str(data),
-        "--data.init_args.num_workers",
-        "0",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        str(devices),
-        "--trainer.strategy",
-        "ddp" if devices > 1 else "auto",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    strategy = "ddp" if devices > 1 else "auto"
+    extra = ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices)]
+    result = run_train(train_args(subcommand, task_args, data, out, "ddp", *extra, "--trainer.strategy", strategy))
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 

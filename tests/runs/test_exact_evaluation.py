@@ -28,10 +28,11 @@ from datamodules.shapes_ade20k import write_ade20k_dataset
 from datamodules.shapes_coco import write_coco_dataset
 from tasks.coco_evaluation import CocoEvaluator
 from tasks.detection import DetectionTask
+from tests.support.cli import REPO, TINY_CLASSIFY, TINY_DETECT, TINY_SEGMENT, train_args
 from train import cli_main, main
 
-REPO = Path(__file__).resolve().parents[1]
-QUIET = ("--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false")
+# NOTE: bad images may be up to half of these tiny sets; one epoch
+LENIENT = ["--data.init_args.max_skipped_fraction", "0.5", "--trainer.max_epochs", "1"]
 EXCLUDE = ("--data.init_args.eval_undecodable", "exclude")
 
 
@@ -73,35 +74,8 @@ def _excluded_fit_matches_clean_validate(argv: Callable[..., list[str]], data: P
 
 
 def _classify(subcommand: str, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        subcommand,
-        "--config",
-        str(REPO / "configs" / "demo" / "classify.yaml"),
-        "--name",
-        "cls",
-        "--out_dir",
-        str(out),
-        "--data.init_args.root",
-        str(data),
-        "--data.init_args.img_size",
-        "32",
-        "--data.init_args.batch_size",
-        "16",
-        "--data.init_args.eval_batch_size",
-        "1",
-        "--data.init_args.num_workers",
-        "0",
-        "--data.init_args.max_skipped_fraction",
-        "0.5",
-        "--model.init_args.backbone",
-        "test_resnet",
-        "--model.init_args.ema_decay",
-        "null",
-        "--trainer.max_epochs",
-        "1",
-        *QUIET,
-        *extra,
-    ]
+    task = [*TINY_CLASSIFY, "--data.init_args.batch_size", "16", "--model.init_args.ema_decay", "null"]
+    return train_args(subcommand, task, data, out, "cls", "--data.init_args.eval_batch_size", "1", *LENIENT, *extra)
 
 
 @pytest.fixture
@@ -176,35 +150,8 @@ def test_classification_predict_stops_at_an_undecodable_image_by_default(
 
 
 def _detect(subcommand: str, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        subcommand,
-        "--config",
-        str(REPO / "configs" / "demo" / "detect.yaml"),
-        "--name",
-        "det",
-        "--out_dir",
-        str(out),
-        "--data.init_args.root",
-        str(data),
-        "--data.init_args.img_scale",
-        "[64, 64]",
-        "--data.init_args.batch_size",
-        "4",
-        "--data.init_args.eval_batch_size",
-        "1",
-        "--data.init_args.num_workers",
-        "0",
-        "--data.init_args.max_skipped_fraction",
-        "0.5",
-        "--model.init_args.backbone_kwargs",
-        "{n_win: 2, window_size: 2}",
-        "--model.init_args.detector_kwargs.box_score_thresh",
-        "0.0",
-        "--trainer.max_epochs",
-        "1",
-        *QUIET,
-        *extra,
-    ]
+    task = [*TINY_DETECT, "--model.init_args.detector_kwargs.box_score_thresh", "0.0"]
+    return train_args(subcommand, task, data, out, "det", "--data.init_args.eval_batch_size", "1", *LENIENT, *extra)
 
 
 @pytest.fixture
@@ -305,39 +252,7 @@ def test_detection_fit_counts_the_excluded_image_and_predicts_none_for_it(coco: 
 
 
 def _segment(subcommand: str, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        subcommand,
-        "--config",
-        str(REPO / "configs" / "demo" / "segment.yaml"),
-        "--name",
-        "seg",
-        "--out_dir",
-        str(out),
-        "--data.init_args.root",
-        str(data),
-        "--data.init_args.crop_size",
-        "64",
-        "--data.init_args.scale",
-        "[128, 64]",
-        "--data.init_args.eval_short_side",
-        "64",
-        "--data.init_args.batch_size",
-        "4",
-        "--data.init_args.num_workers",
-        "0",
-        "--data.init_args.max_skipped_fraction",
-        "0.5",
-        "--model.init_args.pretrained_file",
-        "null",
-        "--model.init_args.backbone_kwargs",
-        "{n_win: 2, window_size: 2}",
-        "--model.init_args.head_channels",
-        "16",
-        "--trainer.max_epochs",
-        "1",
-        *QUIET,
-        *extra,
-    ]
+    return train_args(subcommand, TINY_SEGMENT, data, out, "seg", *LENIENT, *extra)
 
 
 @pytest.fixture
@@ -410,7 +325,7 @@ def test_an_excluded_image_returns_a_marker_and_the_default_raises(tmp_path: Pat
 
 
 def test_coco_evaluator_leaves_excluded_ids_out_of_imgids(tmp_path: Path) -> None:
-    evaluator = CocoEvaluator(tmp_path / "unused.json")
+    evaluator = CocoEvaluator(tmp_path / "instances_val.json")  # NOTE: the file is read only by compute()
     evaluator.update([{"image_id": 1}], [1, 2])
     evaluator.update([], [], excluded_ids=[3])
     evaluator.update([], [4], excluded_ids=[4])  # NOTE: excluded wins: never scored, even if listed as seen

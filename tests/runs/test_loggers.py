@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from runs.loggers import point_loggers_at_run
+from tests.support.cli import TINY_CLASSIFY, run_train, train_args
 
-REPO = Path(__file__).resolve().parents[1]
 SECRET = "0123456789abcdef-not-a-real-key-0123456789abcdef"
 
 LOGGERS_YAML = """
@@ -27,34 +26,8 @@ trainer:
 
 
 def _fit(data: Path, out: Path, config: Path, epochs: int, env: dict[str, str]) -> subprocess.CompletedProcess:
-    args = [
-        sys.executable,
-        "train.py",
-        "fit",
-        "--config",
-        "configs/demo/classify.yaml",
-        "--config",
-        str(config),
-        "--name",
-        "logged",
-        "--out_dir",
-        str(out),
-        "--data.init_args.root",
-        str(data),
-        "--data.init_args.img_size",
-        "32",
-        "--data.init_args.batch_size",
-        "16",
-        "--data.init_args.num_workers",
-        "0",
-        "--model.init_args.backbone",
-        "test_resnet",
-        "--trainer.max_epochs",
-        str(epochs),
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    task = [*TINY_CLASSIFY, "--config", str(config), "--data.init_args.batch_size", "16"]
+    return run_train(train_args("fit", task, data, out, "logged", "--trainer.max_epochs", str(epochs)), env=env)
 
 
 @pytest.mark.parametrize("key_in_env", [False, True])

@@ -8,58 +8,31 @@ command never interrupted.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.cli import TINY_CLASSIFY, run_train, train_args
+
 STEPS_PER_EPOCH, EPOCHS = 8, 2
 TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS
 
 
 def _fit(data: Path, out: Path, *extra: str, num_workers: int = 0) -> subprocess.CompletedProcess:
-    args = [
-        sys.executable,
-        "train.py",
-        "fit",
-        "--config",
-        "configs/demo/classify.yaml",
-        "--name",
-        "run",
-        "--out_dir",
-        str(out),
-        "--data.init_args.root",
-        str(data),
-        "--data.init_args.img_size",
-        "32",
-        "--data.init_args.batch_size",
-        "8",
-        "--data.init_args.num_workers",
-        str(num_workers),
-        "--model.init_args.backbone",
-        "test_resnet",
-        "--model.init_args.drop_path_rate",
-        "0.1",
-        "--trainer.max_epochs",
-        str(EPOCHS),
-        "--trainer.deterministic",
-        "true",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--save_every_n_steps",
-        "2",
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    """A deterministic 2-epoch fit of 8 steps each, ``last.ckpt`` every 2 steps, drop path on."""
+    resumable = [
+        "--data.init_args.batch_size", "8",
+        "--data.init_args.num_workers", str(num_workers),
+        "--model.init_args.drop_path_rate", "0.1",
+        "--trainer.max_epochs", str(EPOCHS),
+        "--trainer.deterministic", "true",
+        "--save_every_n_steps", "2",
+    ]  # fmt: skip
+    return run_train(train_args("fit", TINY_CLASSIFY, data, out, "run", *resumable, *extra))
 
 
 def _state(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]]:

@@ -20,12 +20,7 @@ from tasks.heads.feature_pyramid import TimmFeaturePyramid
 PICO = dict(n_win=2, window_size=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _targets(with_masks: bool) -> tuple[list[torch.Tensor], list[dict]]:

@@ -29,7 +29,7 @@ from tasks.heads.retinanet import ForegroundRetinaNet, PooledLossRetinaNetHead
 from tasks.lr_schedules import MMCVLrSchedule
 from tests.support.official_names import biformer_name_to_official
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COCO_ITERS_PER_EPOCH = 7330  # 117266 training images with instances / (2 images x 8 GPUs), mmdet's sampler padding
 
 

@@ -24,7 +24,7 @@ from datamodules.loaders import ResumableSampler
 from tasks.classification import ClassificationTask
 from tests.support.rank_streams import record_rank_streams
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _recipe() -> dict:

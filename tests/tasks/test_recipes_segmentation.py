@@ -20,7 +20,7 @@ from tasks.heads.segmentation_heads import FCNHead, SemanticFPNHead, UperNetHead
 from tasks.segmentation import SegmentationTask
 from tests.support.official_names import biformer_name_to_official
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _recipe(config: str) -> tuple[dict, dict]:

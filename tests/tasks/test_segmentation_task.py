@@ -20,12 +20,7 @@ from tasks.segmentation_metrics import SegmentationMetrics
 PICO = dict(n_win=2, window_size=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_metrics_equal_the_hand_computed_confusion_matrix() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -11,14 +10,12 @@ import pytest
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from tests.support.scripts import REPO, load_script
 
-import benchmark
-import benchmark_compare
-from benchmark_common import autocast, markdown_table
-from inspect_models import count_params
-
-REPO = Path(__file__).resolve().parents[1]
+benchmark = load_script("benchmark")
+benchmark_compare = load_script("benchmark_compare")
+autocast, markdown_table = load_script("benchmark_common").autocast, load_script("benchmark_common").markdown_table
+count_params = load_script("inspect_models").count_params
 TINY = ["--img-size", "32", "--batch-size", "2", "--warmup", "0", "--iters", "1", "--threads", "1"]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "scripts" / "slurm" / "train.sbatch"
 TORCHRUN = REPO / "scripts" / "torchrun.sh"
 DOCKER_RUN = REPO / "scripts" / "docker_run.sh"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +17,7 @@ import backbones  # noqa: F401  (registers the project's models)
 from runs.overlays import ValidationOverlays, log_images
 from runs.prediction_writers import CocoPredictionWriter, SegmentationPredictionWriter
 from tasks.coco_evaluation import detections_to_coco
+from tests.support.scripts import load_script
 from visualization.curves import plot_training_curves, read_metrics
 from visualization.overlays import (
     IGNORE_COLOR,
@@ -29,7 +29,7 @@ from visualization.overlays import (
     render_segmentation,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NAMES = ["circle", "square", "triangle", "star"]
 
@@ -211,10 +211,7 @@ def test_predict_writers_draw_overlays(tmp_path: Path) -> None:
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name)
 
 
 def test_visualize_command_attention_and_curves(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
