@@ -1,7 +1,9 @@
 """The Dockerfile, checked without a Docker engine: lint, structure, the paths it copies, and its entry point.
 
 The slow test replays the Dockerfile's pip steps in a fresh virtualenv (torch from the local index standing in for the
-base image's) and imports the installed project, so a dependency layer that cannot install is caught here.
+base image's) and imports the installed project, so a dependency layer that cannot install is caught here; then it
+builds the project's wheel, checks it ships every package, installs it there and runs the demo from outside the
+repository.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 
 
@@ -289,3 +292,30 @@ def test_dockerfile_pip_steps_install_in_a_fresh_virtualenv(tmp_path: Path, inst
         )
         assert result.returncode == 0, result.stderr[-3000:]
     assert "site-packages" in result.stdout, result.stdout
+
+    # NOTE: the same project as a wheel (what an index or a git URL hands out), in place of the Dockerfile's install
+    pip = [str(bin_dir / "python"), "-m", "pip"]
+    wheels = tmp_path / "wheels"
+    subprocess.run([*pip, "wheel", "--quiet", "--no-deps", "-w", str(wheels), str(REPO)], check=True, env=env)
+    (wheel,) = wheels.glob("strata-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    shipped = {str(Path(name).parent) for name in names if name.endswith("/__init__.py")}
+    tops = [d for d in REPO.iterdir() if (d / "__init__.py").is_file() and d.name != "tests"]
+    packages = {str(init.parent.relative_to(REPO)) for top in tops for init in top.rglob("__init__.py")}
+    assert packages <= shipped, f"the wheel lacks {sorted(packages - shipped)}"
+    assert "train.py" in names
+    subprocess.run([*pip, "uninstall", "--quiet", "--yes", "strata"], check=True, env=env)
+    subprocess.run([*pip, "install", "--quiet", "--no-deps", str(wheel)], check=True, env=env)
+    # NOTE: the wheel's command runs the demo from outside the repository (its data generated there on first use)
+    demo = [
+        str(bin_dir / "python"), "-m", "train", "fit",
+        "--config", str(workspace / "configs" / "demo" / "classify.yaml"),
+        "--name", "installed", "--out_dir", str(tmp_path / "runs"),
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+        "--trainer.enable_progress_bar", "false", "--data.init_args.num_workers", "0",
+    ]  # fmt: skip
+    result = subprocess.run(demo, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "data" / "demo" / "imagenet" / "manifest.json").is_file()
+    assert (tmp_path / "runs" / "installed" / "model.safetensors").is_file()
