@@ -15,7 +15,7 @@ def _original_message(message: str) -> str:
     """The message of the exception a DataLoader worker raised, when ``message`` is torch's re-raised form of it."""
     if not _RERAISED.match(message):
         return message
-    last = message.rstrip().rsplit("\n", 1)[-1]  # NOTE: "datamodules.errors.DataError: <the one-line message>"
+    last = message.rstrip().rsplit("\n", 1)[-1]  # NOTE: "core.errors.DataError: <the one-line message>"
     head, sep, original = last.partition(": ")
     return original if sep and re.fullmatch(r"[\w.]+", head) else message
 
