@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 from .samplers import UnpaddedDistributedSampler
+from .worker_signals import leave_preemption_signals_to_the_main_process
 
 __all__ = [
     "EvalLoadersMixin",
@@ -41,7 +42,9 @@ def seed_worker(worker_id: int) -> None:
 
     ``torch.initial_seed()`` inside a worker is the loader's per-epoch base seed plus the worker id, drawn from the
     main process's generator, so it follows ``seed_everything`` and differs between epochs and workers.
+    It also leaves the preemption signals to the main process (``datamodules/worker_signals.py``).
     """
+    leave_preemption_signals_to_the_main_process()
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -221,10 +224,11 @@ def _shared_across_ranks(value: int) -> int:
 class ResumableTrainLoaderMixin:
     """For a ``LightningDataModule``: the training loader's position travels in the checkpoint.
 
-    ``state_dict()`` (called by Lightning when it saves) records the loader seed, the epoch and how many samples of
-    this rank's shard the training steps have consumed; ``load_state_dict()`` (called when it restores) makes the next
-    ``train_loader(...)`` skip them. Batches prefetched but not yet trained on are not counted: the count comes from
-    the trainer's processed-batch counter, not from the loader.
+    ``state_dict()`` (called by Lightning when it saves) records the loader seed, the epoch, how many samples of
+    this rank's shard the training steps have consumed and the epoch of the next batch; ``load_state_dict()`` (called
+    when it restores) makes the next ``train_loader(...)`` start at that epoch and skip them (checkpoints from before
+    ``next_epoch`` was recorded: the epoch when they stopped mid-epoch, else Lightning's). Batches prefetched but not
+    yet trained on are not counted: the count comes from the trainer's processed-batch counter, not from the loader.
     """
 
     trainer: Any
@@ -242,6 +246,11 @@ class ResumableTrainLoaderMixin:
             self._train_seed = _shared_across_ranks(int(torch.randint(2**31, ()).item()))
         loader = build_loader(dataset, train=True, batch_size=batch_size, seed=self._train_seed, **kwargs)
         if resume is not None:
+            next_epoch = resume.get("next_epoch", resume["epoch"] if resume["samples"] else None)
+            if next_epoch is not None:
+                # NOTE: Lightning iterates the loader once while setting up, before it sets the epoch, and trains on
+                # that iterator; with workers it has already drawn the order of the sampler's current epoch
+                loader.sampler.set_epoch(next_epoch)  # type: ignore[union-attr]
             loader.sampler.skip(resume["epoch"], resume["samples"])  # type: ignore[union-attr]
             self._pending_resume = None
         self._train_batch_size = batch_size
@@ -258,11 +267,14 @@ class ResumableTrainLoaderMixin:
             "seed": self._train_seed,
             "epoch": trainer.current_epoch,
             "samples": processed * self._train_batch_size,
+            # NOTE: the epoch of the next batch, Lightning's sampler epoch (epochs whose batches all ran)
+            "next_epoch": trainer.fit_loop.epoch_progress.current.processed,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
-            self._pending_resume = {key: int(state_dict[key]) for key in ("seed", "epoch", "samples")}
+            keys = [key for key in ("seed", "epoch", "samples", "next_epoch") if key in state_dict]
+            self._pending_resume = {key: int(state_dict[key]) for key in keys}
 
 
 class EvalLoadersMixin:
