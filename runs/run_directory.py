@@ -10,7 +10,9 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-__all__ = ["DEMO_ROOT", "RUN_NAME_ENV", "default_run_name", "ensure_demo_data"]
+from core.files import temporary_path
+
+__all__ = ["DEMO_ROOT", "RUN_NAME_ENV", "default_run_name", "ensure_demo_data", "remove_stale_temporary_files"]
 
 DEMO_ROOT = Path("data/demo")
 RUN_NAME_ENV = "STRATA_RUN_NAME"
@@ -42,3 +44,15 @@ def ensure_demo_data(root: Path) -> None:
     if root.parent == DEMO_ROOT and root.name in _DEMO_GENERATORS:
         module, function = _DEMO_GENERATORS[root.name]
         getattr(importlib.import_module(module), function)(DEMO_ROOT)
+
+
+def remove_stale_temporary_files(run_dir: Path) -> list[Path]:
+    """Delete the ``.<name>.tmp`` files a killed process left in ``run_dir`` (call it holding the run's fit lock).
+
+    Every replaced file of a run goes through such a temporary sibling (``core/files.py``); a SIGKILL mid-write
+    leaves it behind, never a partial file in its place. Returns what was removed.
+    """
+    stale = [p for p in run_dir.glob(temporary_path("*").name) if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
