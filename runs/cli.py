@@ -33,10 +33,13 @@ from .config_checks import check_model_fits_data
 from .health import RunHealth
 from .loggers import AppendingCSVLogger, point_loggers_at_run
 from .overlays import ValidationOverlays
+from .parse_errors import StrataArgumentParser
 from .prediction_writers import prediction_writer_for
 from .preemption import Preemption
+from .process_rank import is_first_process
 from .random_streams import RandomStateCheckpoint
-from .run_directory import RUN_NAME_ENV, default_run_name, ensure_demo_data
+from .run_directory import RUN_NAME_ENV, default_run_name, ensure_demo_data, remove_stale_temporary_files
+from .run_lock import RunLock
 
 __all__ = ["StrataCLI", "cli_main", "main"]
 
@@ -54,6 +57,15 @@ def _task_class(class_path: str) -> type[StrataTask]:
             "tasks.detection.DetectionTask, tasks.segmentation.SegmentationTask or a subclass of tasks.base.StrataTask"
         )
     return cls
+
+
+def _no_checkpoint_message(run_dir: Path, default_file: str, subcommand: str) -> str:
+    runs = sorted(p.parent.name for p in run_dir.parent.glob(f"*/{default_file}")) if run_dir.parent.is_dir() else []
+    listed = f" (runs with one in {run_dir.parent}: {', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''})"
+    return (
+        f"{subcommand} would score untrained weights: run {run_dir} has no {default_file}{listed if runs else ''}; "
+        "check --name, or pass --ckpt_path"
+    )
 
 
 class StrataCLI(LightningCLI):
@@ -75,6 +87,12 @@ class StrataCLI(LightningCLI):
             type=int,
             default=4,
             help="Draw this many validation images with predictions to <run>/visualizations each epoch (0: off).",
+        )
+        parser.add_argument(
+            "--allow_untrained",
+            type=bool,
+            default=False,
+            help="validate/test/predict without a checkpoint even when the weights are untrained (pipeline checks).",
         )
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.dataset_info", "model.init_args.dataset_info", apply_on="instantiate")
@@ -103,8 +121,12 @@ class StrataCLI(LightningCLI):
             raise ConfigError(
                 "trainer.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm has no CPU path): drop it on CPU"
             )
-        rank_zero = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
-        point_loggers_at_run(config.trainer.get("logger"), self.run_dir, name, write_ids=rank_zero)
+        first_process = is_first_process()
+        if self.subcommand and first_process:
+            self.run_lock = RunLock(self.run_dir, self.subcommand).acquire()
+            if self.subcommand == "fit":
+                remove_stale_temporary_files(self.run_dir)
+        point_loggers_at_run(config.trainer.get("logger"), self.run_dir, name, write_ids=first_process)
         ensure_demo_data(Path(str(config.data.init_args.get("root", ""))))
 
     def _loggers(self, configured: Any) -> Any:
@@ -175,6 +197,8 @@ class StrataCLI(LightningCLI):
         if candidate.is_file():
             print(f"Using {candidate}", flush=True)
             config["ckpt_path"] = str(candidate)
+        elif self.subcommand != "fit" and not (self.model.has_trained_weights() or config.get("allow_untrained")):
+            raise ConfigError(_no_checkpoint_message(self.run_dir, default_file, self.subcommand))
 
     def before_fit(self) -> None:
         self._resolve_ckpt_path("last.ckpt")
@@ -193,13 +217,17 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> StrataCLI:
     """Build and (by default) run the CLI; ``args`` replaces ``sys.argv[1:]`` (tests use this)."""
     import backbones  # noqa: F401  (registers the project's models with timm)
 
-    return StrataCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    try:
+        return StrataCLI(
+            parser_class=StrataArgumentParser,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+    finally:
+        RunLock.release_all()  # NOTE: a process that runs the CLI twice (tests, notebooks) must not hold its own lock
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ the attributes and methods declared here, never with ``getattr(task, ..., defaul
 - ``render_predictions(batch, limit)`` draws the predictions on the first images of an evaluation batch
   (``runs/overlays.py`` logs them); ``input_sizes()`` names the input sizes of the task's own inference, checked
   against the backbone's stride with the data's (``runs/config_checks.py``);
+- ``has_trained_weights()`` says whether the task as configured holds weights worth evaluating without a checkpoint
+  (``validate``/``test``/``predict`` refuse to score an untrained network: ``runs/cli.py``);
 - ``nonfinite_guard`` and ``excluded_images`` are the counts ``summary.json`` reports;
 - ``dataset_info`` is what the data told the task, linked from ``data.dataset_info`` by ``train.py`` the way
   ``num_classes`` is (class names, the normalisation of the images, COCO's category ids and annotation file).
@@ -88,6 +90,10 @@ class StrataTask(L.LightningModule):
     def input_sizes(self) -> dict[str, int]:
         """``{argument: image side}`` of the inputs the task's own inference makes (e.g. sliding-window crops)."""
         return {}
+
+    def has_trained_weights(self) -> bool:
+        """Whether the configured weights (without a checkpoint) are a trained network; a head built here is not."""
+        return False
 
     # ----- shared -----
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -281,6 +281,10 @@ class ClassificationTask(StrataTask):
         else:
             super().lr_scheduler_step(scheduler, metric)
 
+    def has_trained_weights(self) -> bool:
+        """A classifier built from pretrained weights (default ones or a file) is trained as configured."""
+        return bool(self.hparams.pretrained or self.hparams.pretrained_file)
+
     def export_module(self) -> nn.Module:
         """The weights the run exports: the EMA when it is the monitored model, else the trained model."""
         if self.ema is not None and self.monitor.startswith("val/ema"):
