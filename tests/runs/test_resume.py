@@ -78,12 +78,18 @@ def test_sigkill_mid_training_then_rerun_gives_identical_weights(
     _assert_same_weights(weights, reference[1])
 
 
-def test_sigkill_during_a_checkpoint_save_leaves_the_previous_one_loadable(tiny_imagenet: Path, tmp_path: Path) -> None:
+def test_sigkill_mid_save_leaves_the_previous_checkpoint_and_the_rerun_no_temporary_file(
+    tiny_imagenet: Path, tmp_path: Path
+) -> None:
     killed = _fit(tiny_imagenet, tmp_path, *_kill_callback("KillDuringSave", 6))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     step, weights = _state(tmp_path / "run")  # loads with weights_only=True: complete, not truncated
     assert step == 4 and weights
     assert (tmp_path / "run" / ".last.ckpt.tmp").is_file()  # the save of step 6 died half-way
+    resumed = _fit(tiny_imagenet, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _state(tmp_path / "run")[0] == TOTAL_STEPS
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # the rerun removed what the kill left behind
 
 
 def test_sigterm_saves_a_checkpoint_exits_0_and_resumes(

@@ -11,8 +11,20 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-__all__ = ["QUIET", "REPO", "TINY_CLASSIFY", "TINY_DETECT", "TINY_SEGMENT", "run_train", "train_args"]
+__all__ = [
+    "QUIET",
+    "REPO",
+    "TINY_CLASSIFY",
+    "TINY_DETECT",
+    "TINY_SEGMENT",
+    "main_error_line",
+    "run_train",
+    "start_train",
+    "train_args",
+    "train_env",
+]
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "demo"
@@ -58,15 +70,58 @@ def train_args(subcommand: str, task: list[str], data: Path, out: Path, name: st
     ]  # fmt: skip
 
 
-def run_train(args: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python train.py <args>`` in a subprocess from the repository, output captured.
-
-    ``env`` is the whole environment (default: this process's); one OpenMP thread and the repository on
-    ``PYTHONPATH`` unless it says otherwise.
-    """
+def train_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a ``train.py`` subprocess: ``env`` (default: this process's), one OpenMP thread and the
+    repository on ``PYTHONPATH`` unless it says otherwise."""
     env = dict(os.environ if env is None else env)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONPATH", str(REPO))
+    return env
+
+
+def run_train(
+    args: list[str], env: dict[str, str] | None = None, timeout: int = 600, **popen: Any
+) -> subprocess.CompletedProcess:
+    """``python train.py <args>`` in a subprocess from the repository, output captured (``train_env(env)``);
+    ``popen`` goes to ``subprocess.run`` (e.g. ``start_new_session=True``)."""
     return subprocess.run(
-        [sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        env=train_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
     )
+
+
+def start_train(args: list[str], env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
+    """``python train.py <args>`` started in the background, output captured (read it with ``communicate``)."""
+    return subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        env=train_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def main_error_line(argv: list[str], capsys: Any, monkeypatch: Any) -> str:
+    """Run ``train.main()`` in process on ``argv``; it must exit 2 with exactly one stderr line, which is returned."""
+    import pytest
+
+    from train import main
+
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    # NOTE: not "no Traceback at all": logging's own "--- Logging error ---" reports land here when a logger still
+    # holds an earlier test's captured stream
+    assert "usage:" not in err and "Does not validate" not in err and "DataLoader worker" not in errors[0], err[-3000:]
+    return errors[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
 import lightning.pytorch as L
@@ -44,3 +45,32 @@ class KillDuringSave(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
         torch.save = dying_save  # type: ignore[assignment]
+
+
+class SignalGroupAtStep(L.Callback):
+    """Sends ``signal_name`` to this process's whole group at ``step``, as slurmstepd signals every process of a job
+    step (``kill -USR1 -PGID``): DataLoader workers get it too. The run must lead its own group (``setsid``)."""
+
+    def __init__(self, step: int, signal_name: str = "SIGUSR1") -> None:
+        self.step = step
+        self.signum = getattr(signal, signal_name)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            if os.getpgrp() != os.getpid():
+                raise RuntimeError("SignalGroupAtStep needs a run that leads its process group (start_new_session)")
+            os.killpg(os.getpgrp(), self.signum)
+
+
+class WaitForFileAtStep(L.Callback):
+    """Holds the run at ``step`` until ``path`` exists (at most ``timeout`` seconds): a run that is surely running."""
+
+    def __init__(self, step: int, path: str, timeout: float = 120.0) -> None:
+        self.step, self.path, self.timeout = step, path, timeout
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step != self.step:
+            return
+        deadline = time.monotonic() + self.timeout
+        while not os.path.exists(self.path) and time.monotonic() < deadline:
+            time.sleep(0.1)
