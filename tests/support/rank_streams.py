@@ -1,4 +1,4 @@
-"""A process of a two-rank gloo group that records its random streams, for tests/test_recipes_imagenet.py.
+"""A process of a two-rank gloo group that records its random streams, for tests/tasks/test_recipes_imagenet.py.
 
 Kept apart from the test module so that spawned processes import only what they need.
 """
