@@ -161,6 +161,7 @@ def test_sbatch_layout_follows_the_allocation(tmp_path: Path) -> None:
     result, calls, env = run_launcher(SBATCH, user_args, slurm_env(), tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(calls) == 1 and calls[0][0] == "srun"
+    assert calls[0][1] == "--kill-on-bad-exit=1"  # a dead task ends the step, its peers do not hang
     args = train_args(calls[0])
     assert args[: 1 + len(user_args)] == ["fit", *user_args]
     assert last_value(args, "--trainer.devices") == "4"
