@@ -62,7 +62,7 @@ class Preemption(L.Callback):
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
             return
         path = self.run_dir / "last.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # NOTE: the full state, to resume from
         if trainer.is_global_zero:
             step = trainer.global_step
             print(f"Preempted at step {step}: saved {path}; rerun the same command to resume.", flush=True)
