@@ -41,7 +41,7 @@ from .random_streams import RandomStateCheckpoint
 from .run_directory import RUN_NAME_ENV, default_run_name, ensure_demo_data, remove_stale_temporary_files
 from .run_lock import RunLock
 
-__all__ = ["StrataCLI", "cli_main", "main"]
+__all__ = ["StrataCLI", "cli_main", "end_progress_bar_lines", "main"]
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -238,5 +238,20 @@ def main() -> None:
         user_error = error if isinstance(error, UserError) else UserError.last
         if user_error is None or (user_error is not error and str(user_error) not in str(error)):
             raise
+        end_progress_bar_lines()
         print(f"error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def end_progress_bar_lines() -> None:
+    """End the line of every progress bar still on screen, so that an error message starts on a fresh line.
+
+    tqdm (Lightning's default bar) leaves the cursor at the end of the bar's line; a bar the error interrupted is
+    still open (in ``tqdm._instances``).
+    """
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        if not bar.disable and bar.fp is not None:
+            bar.fp.write("\n")
+            bar.fp.flush()

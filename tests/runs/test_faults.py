@@ -265,3 +265,21 @@ def test_eight_slurm_tasks_starting_loggers_in_one_run_write_one_wandb_id(tmp_pa
     written = (run_dir / "wandb_run_id").read_text().strip()
     assert ids[0] == written  # task 0 wrote the id; every other task either read that same id or has none
     assert set(ids[1:]) <= {written, "None"}
+
+
+def test_an_error_under_an_open_progress_bar_starts_on_a_fresh_line() -> None:
+    import io
+
+    from tqdm import tqdm
+
+    from runs.cli import end_progress_bar_lines
+
+    screen = io.StringIO()
+    bar = tqdm(total=10, file=screen, disable=False)
+    bar.update(3)
+    assert not screen.getvalue().endswith("\n")  # the bar's line is open, as on a terminal
+    try:
+        end_progress_bar_lines()
+        assert screen.getvalue().endswith("\n")
+    finally:
+        bar.close()
