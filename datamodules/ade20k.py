@@ -42,6 +42,7 @@ from .decode import (
     decode_rgb,
     split_excluded,
 )
+from .image_folder import is_not_data
 from .loaders import build_loader
 from .segmentation_transforms import IGNORE_INDEX, CatMaxRatioCrop, PhotoMetricDistortion, build_segmentation_transform
 
@@ -61,6 +62,11 @@ logger = logging.getLogger(__name__)
 
 _SPLITS = {"train": "training", "val": "validation"}
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` that can be data (not macOS ``._*`` companions or other hidden files)."""
+    return [p for p in folder.iterdir() if p.is_file() and not is_not_data(p.name)]
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
@@ -159,8 +165,8 @@ class ADE20KDataset(Dataset):
         self.transform = transform
         self.train = train
         self.reduce_zero_label = reduce_zero_label
-        images = {p.stem: p for p in self.image_dir.iterdir() if p.suffix.lower() in _IMAGE_EXTENSIONS}
-        labels = {p.stem: p for p in self.annotation_dir.iterdir() if p.suffix.lower() == ".png"}
+        images = {p.stem: p for p in _data_files(self.image_dir) if p.suffix.lower() in _IMAGE_EXTENSIONS}
+        labels = {p.stem: p for p in _data_files(self.annotation_dir) if p.suffix.lower() == ".png"}
         self.samples = [(images[stem], labels[stem]) for stem in sorted(images.keys() & labels.keys())]
         self.missing_annotations = len(images.keys() - labels.keys())
         self.missing_images = len(labels.keys() - images.keys())

@@ -30,11 +30,20 @@ __all__ = [
     "collate_classification_excluding",
     "decode_rgb",
     "find_classes",
+    "is_not_data",
     "read_class_names",
     "scan_image_folder",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+_OS_METADATA_FOLDERS = frozenset({"__MACOSX"})
+
+
+def is_not_data(name: str) -> bool:
+    """Whether a file or folder name is operating-system metadata, never a sample or a class: hidden names (macOS's
+    ``._<name>`` AppleDouble files that archives and copies to non-HFS disks create beside every image, ``.DS_Store``)
+    and the ``__MACOSX/`` folder of zips made on macOS."""
+    return name.startswith(".") or name in _OS_METADATA_FOLDERS
 
 
 def find_classes(split_dir: Path) -> list[str]:
@@ -44,7 +53,7 @@ def find_classes(split_dir: Path) -> list[str]:
             f"missing folder {split_dir}: expected {split_dir}/<class>/<image> "
             "(check that --data.init_args.root points at the dataset)"
         )
-    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and not entry.name.startswith("."))
+    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and not is_not_data(entry.name))
     if not classes:
         raise DataError(f"no class folders in {split_dir}: expected {split_dir}/<class>/<image>")
     return classes
@@ -58,7 +67,9 @@ def scan_image_folder(split_dir: Path, classes: Sequence[str]) -> list[tuple[str
         files = sorted(
             entry.path
             for entry in os.scandir(class_dir)
-            if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMG_EXTENSIONS
+            if entry.is_file()
+            and not is_not_data(entry.name)
+            and os.path.splitext(entry.name)[1].lower() in IMG_EXTENSIONS
         )
         if not files:
             raise DataError(f"empty class folder {class_dir}: add its images or remove the folder")
