@@ -90,10 +90,6 @@ class RunLock:
         for lock in list(cls._held):
             lock.release()
 
-    @property
-    def held(self) -> bool:
-        return self._file is not None
-
 
 def _describe(content: str) -> str:
     try:
