@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -49,7 +51,10 @@ class KillDuringSave(L.Callback):
 
 class SignalGroupAtStep(L.Callback):
     """Sends ``signal_name`` to this process's whole group at ``step``, as slurmstepd signals every process of a job
-    step (``kill -USR1 -PGID``): DataLoader workers get it too. The run must lead its own group (``setsid``)."""
+    step (``kill -USR1 -PGID``): DataLoader workers get it too. The run must lead its own group (``setsid``).
+
+    The signal is sent by a separate process, as slurmstepd is one: a signal the run's main process sent
+    itself would reach its workers as one from their parent, which torch's (and Strata's) workers obey by exiting."""
 
     def __init__(self, step: int, signal_name: str = "SIGUSR1") -> None:
         self.step = step
@@ -59,7 +64,8 @@ class SignalGroupAtStep(L.Callback):
         if trainer.global_step == self.step:
             if os.getpgrp() != os.getpid():
                 raise RuntimeError("SignalGroupAtStep needs a run that leads its process group (start_new_session)")
-            os.killpg(os.getpgrp(), self.signum)
+            killer = "import os, sys; os.killpg(int(sys.argv[1]), int(sys.argv[2]))"
+            subprocess.run([sys.executable, "-c", killer, str(os.getpgrp()), str(int(self.signum))], check=False)
 
 
 class WaitForFileAtStep(L.Callback):
