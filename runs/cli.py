@@ -35,7 +35,7 @@ from .loggers import AppendingCSVLogger, point_loggers_at_run
 from .overlays import ValidationOverlays
 from .parse_errors import StrataArgumentParser
 from .prediction_writers import prediction_writer_for
-from .preemption import Preemption
+from .preemption import Preemption, StoppedBeforeTraining, report_stop_before_training, stop_before_training
 from .process_rank import is_first_process
 from .random_streams import RandomStateCheckpoint
 from .run_directory import RUN_NAME_ENV, default_run_name, ensure_demo_data, remove_stale_temporary_files
@@ -231,9 +231,15 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> StrataCLI:
 
 
 def main() -> None:
-    """Entry point: user errors (bad data, bad config) end with one line on stderr and exit code 2."""
+    """Entry point: user errors (bad data, bad config) end with one line on stderr and exit code 2; a stop signal
+    before training ends with exit code 0 (``runs/preemption.py``)."""
+    stop_before_training()
     try:
         cli_main()
+    except StoppedBeforeTraining as stop:
+        end_progress_bar_lines()
+        report_stop_before_training(stop)
+        raise SystemExit(0) from None
     except Exception as error:
         user_error = error if isinstance(error, UserError) else UserError.last
         if user_error is None or (user_error is not error and str(user_error) not in str(error)):

@@ -80,3 +80,20 @@ class WaitForFileAtStep(L.Callback):
         deadline = time.monotonic() + self.timeout
         while not os.path.exists(self.path) and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+class SignalRankAtStep(L.Callback):
+    """Sends ``signal_name`` to one DDP rank's process only, at ``step``, from a separate process (``kill -TERM PID``
+    on one node, a node's slurmstepd, or the OOM killer's SIGKILL)."""
+
+    def __init__(self, step: int, rank: int, signal_name: str = "SIGTERM", stamp: str | None = None) -> None:
+        self.step, self.rank, self.stamp = step, rank, stamp
+        self.signum = getattr(signal, signal_name)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            if self.stamp:
+                with open(self.stamp, "w") as f:
+                    f.write(str(time.time()))
+            killer = "import os, sys; os.kill(int(sys.argv[1]), int(sys.argv[2]))"
+            subprocess.run([sys.executable, "-c", killer, str(os.getpid()), str(int(self.signum))], check=False)
