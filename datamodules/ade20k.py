@@ -15,13 +15,12 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import albumentations as A
 import numpy as np
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -30,16 +29,23 @@ from core.errors import ConfigError, DataError
 
 from .base import StrataDataModule
 from .decode import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     DecodeError,
     ExcludedSample,
     ExcludedSamples,
+    ImageHeader,
+    PixelLimitError,
     SkipCounter,
     check_eval_undecodable,
+    check_max_image_pixels,
     check_skipped_fraction,
     check_undecodable_policy,
     decode_or_exclude,
     decode_or_replace,
     decode_rgb,
+    open_image,
+    orient_array,
+    read_header,
     split_excluded,
 )
 from .image_folder import is_not_data
@@ -117,17 +123,50 @@ def collate_segmentation_excluding(
     return *collate_segmentation_eval(kept), excluded
 
 
+class _MaskCheck(NamedTuple):
+    """What ``ADE20KDataset._check_annotations`` found for one pair: a problem, else the EXIF orientation its mask
+    is given (1: none) and, for a mode P mask, its palette ``(n, 3)`` and the indices it uses."""
+
+    problem: str | None = None
+    orientation: int = 1
+    palette: np.ndarray | None = None
+    used: np.ndarray | None = None
+
+
+def _mask_orientation(header: ImageHeader, mask_size: tuple[int, int]) -> int | None:
+    """The orientation to give a ``mask_size`` (w, h) mask so that it matches its image, decoded upright: 1 when it
+    has the upright size, the image's when it has the stored size of an image whose orientation swaps its sides
+    (drawn on the stored pixels), None when it has neither."""
+    if header.oriented_size == mask_size:
+        return 1
+    if (header.width, header.height) == mask_size:
+        return header.orientation
+    return None
+
+
+def _palettes_differ(first: np.ndarray, palette: np.ndarray, used: np.ndarray) -> bool:
+    """Whether two ``(n, 3)`` palettes give different colours to any of the ``used`` indices both define."""
+    shared = used[(used < len(first)) & (used < len(palette))]
+    return not np.array_equal(first[shared], palette[shared])
+
+
 class ADE20KDataset(Dataset):
     """One split of an ADE20K-layout dataset (Zhou et al., "Scene Parsing through ADE20K Dataset", CVPR 2017).
 
     Pairs ``image_dir/NAME.jpg`` with ``annotation_dir/NAME.png``. Checked when the dataset is built, each a one-line
     ``DataError`` naming the file: an image without its annotation, an annotation that is not a single-channel PNG,
-    of another size than its image, or (with ``num_classes``) holding a value above the classes (``num_classes`` with
-    ``reduce_zero_label``, else ``num_classes - 1``; 255 is always the ignore value). Annotations without an image
-    are counted (``counts``) and left out. An image that fails to decode is handled by ``undecodable``
-    (``datamodules/decode.py``): counted in ``skip_counter`` and replaced in training, a one-line ``DataError`` or an
-    ``ExcludedSample`` keyed by its name in evaluation. Labels are reduced (``reduce_zero_label``) before any
-    transform, so padding and "other" share the ignore value 255.
+    of another size than its image, (with ``num_classes``) holding a value above the classes (``num_classes`` with
+    ``reduce_zero_label``, else ``num_classes - 1``; 255 is always the ignore value), or of mode P with another
+    palette than the split's first P mask over the indices it uses (a mask re-saved with colours: its indices may
+    not be class ids). Annotations without an image are counted (``counts``) and left out. An image that fails to
+    decode (or has more than ``max_image_pixels`` pixels) is handled by ``undecodable`` (``datamodules/decode.py``):
+    counted in ``skip_counter`` and replaced in training, a one-line ``DataError`` or an ``ExcludedSample`` keyed by
+    its name in evaluation. Labels are reduced (``reduce_zero_label``) before any transform, so padding and "other"
+    share the ignore value 255.
+
+    Images are decoded upright (their EXIF orientation applied). A mask of the upright size is used as it is; a mask
+    of the stored size of an image whose orientation swaps its sides was drawn on the stored pixels and is oriented
+    with the image; any other size is the size error above.
 
     Train items: ``(image (3, S, S) float32, mask (S, S) int64)``. Eval items: ``(image (3, H, W) float32, mask
     (h0, w0) int64 at the original size, meta)`` with meta ``name`` (stem), ``orig_size`` ``(h0, w0)``,
@@ -141,6 +180,8 @@ class ADE20KDataset(Dataset):
         reduce_zero_label: map 0 to 255 and ``v`` to ``v - 1``.
         num_classes: check that no annotation holds a value above the classes (None: no value check).
         undecodable: ``"replace"`` (training), ``"error"`` or ``"exclude"`` (evaluation, never substituted).
+        max_image_pixels: images with more pixels are undecodable (read from the header, never decoded); None or 0:
+            no limit.
     """
 
     def __init__(
@@ -153,6 +194,7 @@ class ADE20KDataset(Dataset):
         reduce_zero_label: bool = True,
         num_classes: int | None = None,
         undecodable: str = "replace",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.annotation_dir = Path(annotation_dir)
@@ -165,6 +207,7 @@ class ADE20KDataset(Dataset):
         self.transform = transform
         self.train = train
         self.reduce_zero_label = reduce_zero_label
+        self.max_image_pixels = check_max_image_pixels(max_image_pixels)
         images = {p.stem: p for p in _data_files(self.image_dir) if p.suffix.lower() in _IMAGE_EXTENSIONS}
         labels = {p.stem: p for p in _data_files(self.annotation_dir) if p.suffix.lower() == ".png"}
         self.samples = [(images[stem], labels[stem]) for stem in sorted(images.keys() & labels.keys())]
@@ -182,47 +225,77 @@ class ADE20KDataset(Dataset):
                 f"({self.missing_annotations} images have none): restore the masks or remove those images"
             )
         max_label = None if num_classes is None else (num_classes if reduce_zero_label else num_classes - 1)
-        self._check_annotations(max_label)
+        self.mask_orientations = self._check_annotations(max_label)
         self.undecodable = check_undecodable_policy(undecodable)
         self.skip_counter = SkipCounter() if undecodable == "replace" else None
 
-    def _check_annotations(self, max_label: int | None) -> None:
+    def _check_annotations(self, max_label: int | None) -> list[int]:
         """Read every annotation (threads: PNG decoding releases the GIL) and each image's header; raise on the first
-        annotation of the wrong mode, size or values."""
+        annotation of the wrong mode, size, values or palette. Returns the orientation each mask is given."""
 
-        def check(pair: tuple[Path, Path]) -> str | None:
+        def check(pair: tuple[Path, Path]) -> _MaskCheck:
             image_path, label_path = pair
             try:
-                with Image.open(image_path) as image:
-                    image_size = image.size
-            except (OSError, SyntaxError, ValueError):
-                image_size = None  # NOTE: an undecodable image is found when it is loaded (``undecodable``)
+                header: ImageHeader | None = read_header(image_path, self.max_image_pixels)
+            except (DecodeError, FileNotFoundError):
+                header = None  # NOTE: an undecodable or oversized image is found when it is loaded (``undecodable``)
             try:
-                with Image.open(label_path) as f:
-                    mode, label = f.mode, np.asarray(f)
-            except (OSError, SyntaxError, ValueError) as error:
-                return f"annotation {label_path} does not decode ({type(error).__name__}: {error}): restore the file"
-            if label.ndim != 2 or mode not in ("L", "P"):
-                return f"annotation {label_path} is a {mode} image: save it as a single-channel 8-bit (mode L or P) PNG"
-            if image_size is not None and label.shape[::-1] != image_size:
-                return (
-                    f"annotation {label_path} is {label.shape[1]}x{label.shape[0]} but {image_path} is "
-                    f"{image_size[0]}x{image_size[1]}: an annotation must match its image"
+                with open_image(label_path, self.max_image_pixels) as f:
+                    mode, size = f.mode, f.size
+                    if mode not in ("L", "P"):
+                        return _MaskCheck(
+                            f"annotation {label_path} is a {mode} image: save it as a single-channel 8-bit (mode L or "
+                            "P) PNG"
+                        )
+                    orientation = 1
+                    if header is not None and (orientation := _mask_orientation(header, size)) is None:
+                        upright = "" if header.oriented_size == (header.width, header.height) else " ({}x{} upright)"
+                        return _MaskCheck(
+                            f"annotation {label_path} is {size[0]}x{size[1]} but {image_path} is "
+                            f"{header.width}x{header.height}{upright.format(*header.oriented_size)}: an annotation "
+                            "must match its image"
+                        )
+                    label = np.asarray(f)
+                    palette = f.getpalette() if mode == "P" else None
+            except PixelLimitError as error:
+                if header is None:
+                    return _MaskCheck()  # NOTE: its image is over the limit too: the pair is left to ``undecodable``
+                return _MaskCheck(f"annotation {error}")
+            except DecodeError as error:
+                return _MaskCheck(f"annotation {error}: restore the file")
+            except (OSError, SyntaxError, ValueError, EOFError) as error:
+                return _MaskCheck(
+                    f"annotation {label_path} does not decode ({type(error).__name__}: {error}): restore the file"
                 )
+            values = np.unique(label) if max_label is not None or palette is not None else None
             if max_label is not None:
-                values = np.unique(label)
                 bad = values[(values > max_label) & (values != IGNORE_INDEX)]
                 if len(bad):
-                    return (
+                    return _MaskCheck(
                         f"annotation {label_path} holds label {int(bad.max())}, above the {max_label} of "
                         f"data.num_classes: fix the mask or set --data.init_args.num_classes"
                     )
-            return None
+            if palette is None:
+                return _MaskCheck(orientation=orientation)
+            return _MaskCheck(orientation=orientation, palette=np.asarray(palette).reshape(-1, 3), used=values)
 
+        orientations = []
+        first_palette: tuple[Path, np.ndarray] | None = None
         with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-            for problem in pool.map(check, self.samples):
-                if problem is not None:
-                    raise DataError(problem)
+            for (_, label_path), found in zip(self.samples, pool.map(check, self.samples), strict=True):
+                if found.problem is not None:
+                    raise DataError(found.problem)
+                if found.palette is not None:
+                    if first_palette is None:
+                        first_palette = (label_path, found.palette)
+                    elif _palettes_differ(first_palette[1], found.palette, found.used):
+                        raise DataError(
+                            f"annotation {label_path} has another palette than {first_palette[0]} over the indices it "
+                            "uses (re-saved colour masks? their indices may not be class ids): re-save it as a mode L "
+                            "PNG of class indices"
+                        )
+                orientations.append(found.orientation)
+        return orientations
 
     @property
     def counts(self) -> dict[str, int]:
@@ -238,17 +311,19 @@ class ADE20KDataset(Dataset):
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, label_path = self.samples[index]
         try:
-            image = decode_rgb(str(image_path))
+            image = decode_rgb(str(image_path), self.max_image_pixels)
         except FileNotFoundError:
             raise DecodeError(f"{image_path}: the file disappeared after the dataset was scanned") from None
-        with Image.open(label_path) as f:
+        with open_image(label_path, self.max_image_pixels) as f:
             label = np.asarray(f)
         if label.ndim != 2:
             raise DataError(f"{label_path} is not a single-channel label map: save it as an 8-bit (mode L or P) PNG")
+        label = orient_array(label, self.mask_orientations[index])
         if label.shape != image.shape[:2]:
-            raise DataError(
-                f"{label_path} is {label.shape[1]}x{label.shape[0]} but {image_path} is "
-                f"{image.shape[1]}x{image.shape[0]}: an annotation must match its image"
+            raise DecodeError(
+                f"{image_path} decodes to {image.shape[1]}x{image.shape[0]} but its annotation {label_path} to "
+                f"{label.shape[1]}x{label.shape[0]}, unlike their headers when the dataset was built: check the files "
+                "(they may have changed since)"
             )
         label = label.astype(np.uint8)
         return image, reduce_zero_label(label) if self.reduce_zero_label else label
@@ -349,6 +424,8 @@ class ADE20KDataModule(StrataDataModule):
         eval_undecodable: what an undecodable val/test/predict image does: ``"error"`` stops the run naming the file;
             ``"exclude"`` leaves it out of the metric (no confusion-matrix update) and of the predictions, counted
             as ``val/excluded_images`` and ``excluded_eval_images`` in ``summary.json``.
+        max_image_pixels: an image with more pixels (read from its header, never decoded: a decompression bomb) is
+            undecodable, handled as above; default PIL's limit; None or 0: no limit.
     """
 
     ignore_index = IGNORE_INDEX
@@ -376,11 +453,13 @@ class ADE20KDataModule(StrataDataModule):
         persistent_workers: bool = True,
         max_skipped_fraction: float = 0.001,
         eval_undecodable: str = "error",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.max_skipped_fraction = check_skipped_fraction(max_skipped_fraction)
         check_eval_undecodable(eval_undecodable)
+        self.max_image_pixels = check_max_image_pixels(max_image_pixels)
         if eval_size_divisor is not None and eval_size_divisor < 1:
             raise ConfigError(f"data.eval_size_divisor {eval_size_divisor} must be >= 1 (or null), e.g. 32")
         _check_args(
@@ -457,6 +536,7 @@ class ADE20KDataModule(StrataDataModule):
             reduce_zero_label=hp.reduce_zero_label,
             num_classes=self.num_classes,
             undecodable="replace" if train else hp.eval_undecodable,
+            max_image_pixels=self.max_image_pixels,
         )
         c = dataset.counts
         if rank_zero_only.rank == 0:
@@ -478,7 +558,8 @@ class ADE20KDataModule(StrataDataModule):
         if train:
             return self.train_loader(dataset, batch_size=hp.batch_size, **options)
         collate = collate_segmentation_excluding if hp.eval_undecodable == "exclude" else collate_segmentation_eval
-        return build_loader(dataset, train=False, batch_size=hp.eval_batch_size, collate_fn=collate, **options)
+        options.update(collate_fn=collate, name=f"val split {dataset.image_dir}")
+        return build_loader(dataset, train=False, batch_size=hp.eval_batch_size, **options)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

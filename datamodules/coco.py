@@ -14,8 +14,12 @@ import contextlib
 import io
 import json
 import logging
+import math
+import numbers
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +35,21 @@ from core.errors import ConfigError, DataError
 
 from .base import StrataDataModule
 from .decode import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DecodeError,
     ExcludedSample,
     ExcludedSamples,
     SkipCounter,
     check_eval_undecodable,
+    check_max_image_pixels,
     check_skipped_fraction,
     check_undecodable_policy,
     decode_or_exclude,
     decode_or_replace,
     decode_rgb,
+    orient_array,
+    orient_boxes,
+    read_header,
     split_excluded,
 )
 from .detection_transforms import build_detection_transform
@@ -100,11 +110,13 @@ def collate_detection_excluding(
 class _ImageRecord:
     image_id: int
     file_name: str
-    height: int
+    height: int  # NOTE: height and width of the decoded image, the frame of boxes and masks
     width: int
     boxes: np.ndarray  # (N, 4) float32 xyxy, clipped to the image
     labels: np.ndarray  # (N,) int64 in 1..K
     ann_ids: tuple[int, ...]
+    orientation: int = 1  # NOTE: the EXIF orientation the annotations (drawn in the stored frame) are given
+    exif: bool = True  # NOTE: False: decoded in its stored frame, as its annotations are (evaluation)
 
 
 def _mask_boxes(masks: np.ndarray) -> np.ndarray:
@@ -122,14 +134,24 @@ class COCODetectionDataset(Dataset):
 
     Category ids (not contiguous) map to labels ``1..K`` in sorted-id order; crowd annotations (``iscrowd=1``) are
     left out; boxes ``[x, y, w, h]`` become ``xyxy``, are clipped to the image, and dropped (with their masks) when
-    ``w`` or ``h < min_box_size``. Images left without instances are skipped when ``skip_empty``. Every drop is counted
-    (``counts``). Masks decode from polygons and from compressed or uncompressed RLE through pycocotools. An image
-    that fails to decode is handled by ``undecodable`` (``datamodules/decode.py``): replaced by the next one in
-    training, a one-line ``DataError`` or an ``ExcludedSample`` keyed by its image id in evaluation.
+    ``w`` or ``h < min_box_size``, or when a coordinate is not finite (NaN, infinite); a ``bbox`` that is not four
+    numbers is a one-line ``DataError`` naming the annotation. Images left without instances are skipped when
+    ``skip_empty``. Every drop is counted (``counts``). Masks decode from polygons and from compressed or uncompressed
+    RLE through pycocotools. An image that fails to decode (or has more than ``max_image_pixels`` pixels) is handled
+    by ``undecodable`` (``datamodules/decode.py``): replaced by the next one in training, a one-line ``DataError`` or
+    an ``ExcludedSample`` keyed by its image id in evaluation.
+
+    Images are decoded upright (their EXIF orientation applied), and each image's ``width``/``height`` in the JSON
+    say which frame its annotations are drawn in, checked from the image headers when the dataset is built: the
+    upright size means the annotations are used as they are; the stored size of an image whose orientation swaps
+    its sides means they are drawn on the stored pixels, and are oriented with the image (``orient_annotations``;
+    else the image is decoded in its stored frame, that of the JSON that COCOeval scores against); any other size
+    is a one-line ``DataError`` naming the file and both sizes.
 
     Returns ``(image, target)``: image float32 ``(3, H, W)`` in [0, 1]; target ``boxes`` float32 ``(N, 4)``,
     ``labels`` int64 ``(N,)``, ``masks`` uint8 ``(N, H, W)`` when ``with_masks``, ``image_id``, ``orig_size``
-    ``(h, w)`` on disk, and ``scale`` ``(sy, sx)`` of the resize (transformed = original * scale, before any crop).
+    ``(h, w)`` of the decoded image (the JSON's, unless stored-frame annotations were oriented with it), and
+    ``scale`` ``(sy, sx)`` of the resize (transformed = original * scale, before any crop).
 
     Args:
         annotation_file: the split's COCO JSON.
@@ -141,6 +163,11 @@ class COCODetectionDataset(Dataset):
         category_ids: the label order to use (default: this file's sorted ids); the file must list the same ids.
         annotations: the already parsed JSON of ``annotation_file``, to avoid reading it twice.
         undecodable: ``"replace"`` (training), ``"error"`` or ``"exclude"`` (evaluation, never substituted).
+        max_image_pixels: images with more pixels are undecodable (read from the header, never decoded); None or 0:
+            no limit.
+        orient_annotations: orient annotations drawn in an image's stored frame with the image (training); False
+            decodes such an image without its EXIF orientation instead (evaluation: predictions stay in the JSON's
+            frame).
     """
 
     def __init__(
@@ -155,6 +182,8 @@ class COCODetectionDataset(Dataset):
         category_ids: Sequence[int] | None = None,
         annotations: dict[str, Any] | None = None,
         undecodable: str = "replace",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        orient_annotations: bool = True,
     ) -> None:
         self.annotation_file = Path(annotation_file)
         self.image_dir = Path(image_dir)
@@ -174,7 +203,10 @@ class COCODetectionDataset(Dataset):
                 f"{self.category_ids[:8]}...: both annotation files need the same categories"
             )
         self.label_of = {cat_id: i + 1 for i, cat_id in enumerate(self.category_ids)}
-        self.crowd_annotations = self.degenerate_boxes = self.empty_images = self.empty_images_skipped = 0
+        self.crowd_annotations = self.degenerate_boxes = self.invalid_boxes = 0
+        self.empty_images = self.empty_images_skipped = self.stored_frame_images = 0
+        self.max_image_pixels = check_max_image_pixels(max_image_pixels)
+        self.orient_annotations = orient_annotations
         try:
             records = [self._record(image) for image in sorted(data["images"], key=lambda im: im["id"])]
         except DataError:
@@ -194,7 +226,7 @@ class COCODetectionDataset(Dataset):
         if skip_empty:
             self.empty_images_skipped = self.empty_images
             records = [r for r in records if r.ann_ids]
-        self.records = records
+        self.records = self._in_decoded_frames(records)
         self.undecodable = check_undecodable_policy(undecodable)
         self.skip_counter = SkipCounter() if undecodable == "replace" else None
 
@@ -211,7 +243,16 @@ class COCODetectionDataset(Dataset):
                     f"{self.annotation_file}: annotation {ann.get('id')} has category_id {ann['category_id']}, "
                     "which 'categories' does not list: fix the annotation file"
                 )
-            x, y, w, h = (float(v) for v in ann["bbox"])
+            bbox = ann["bbox"]
+            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+                raise DataError(
+                    f"{self.annotation_file}: annotation {ann.get('id')} has bbox {bbox!r:.60}, not four numbers "
+                    "[x, y, width, height]: fix the annotation file"
+                )
+            x, y, w, h = (float(v) for v in bbox)
+            if not all(math.isfinite(v) for v in (x, y, w, h)):
+                self.invalid_boxes += 1
+                continue
             x0, x1 = min(max(x, 0.0), width), min(max(x + w, 0.0), width)
             y0, y1 = min(max(y, 0.0), height), min(max(y + h, 0.0), height)
             if x1 - x0 < self.min_box_size or y1 - y0 < self.min_box_size or x1 <= x0 or y1 <= y0:
@@ -230,6 +271,44 @@ class COCODetectionDataset(Dataset):
             ann_ids=tuple(ann_ids),
         )
 
+    def _in_decoded_frames(self, records: list[_ImageRecord]) -> list[_ImageRecord]:
+        """``records`` in the frame each image decodes to (read from the headers, in threads), annotations drawn in
+        the stored frame oriented; a size that is neither the upright nor the stored one is a ``DataError``."""
+
+        def frame(record: _ImageRecord) -> _ImageRecord | str:
+            path = self.image_dir / record.file_name
+            try:
+                header = read_header(path, self.max_image_pixels)
+            except (DecodeError, FileNotFoundError):
+                return record  # NOTE: an undecodable or oversized image is handled when it is loaded (undecodable)
+            stated = (record.width, record.height)
+            if header.oriented_size == stated:
+                return record
+            if (header.width, header.height) == stated:
+                if not self.orient_annotations:
+                    return replace(record, exif=False)
+                width, height = header.oriented_size
+                boxes = orient_boxes(record.boxes, header.orientation, *stated)
+                return replace(record, width=width, height=height, boxes=boxes, orientation=header.orientation)
+            upright = "" if header.orientation == 1 else " ({}x{} upright, EXIF orientation {})"
+            return (
+                f"{path} is {header.width}x{header.height}"
+                f"{upright.format(*header.oriented_size, header.orientation)} but {self.annotation_file} says "
+                f"{record.width}x{record.height}"
+            )
+
+        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+            framed = list(pool.map(frame, records))
+        mismatched = [f for f in framed if isinstance(f, str)]
+        if mismatched:
+            raise DataError(
+                f"{mismatched[0]} ({len(mismatched)} of the {len(records)} images differ): fix the image or its "
+                "width/height entry"
+            )
+        kept = [f for f in framed if isinstance(f, _ImageRecord)]
+        self.stored_frame_images = sum(r.orientation != 1 or not r.exif for r in kept)
+        return kept
+
     @property
     def counts(self) -> dict[str, int]:
         """What this split holds and what was left out of its targets."""
@@ -238,8 +317,10 @@ class COCODetectionDataset(Dataset):
             "instances": sum(len(r.ann_ids) for r in self.records),
             "crowd_annotations": self.crowd_annotations,
             "degenerate_boxes": self.degenerate_boxes,
+            "invalid_boxes": self.invalid_boxes,
             "empty_images": self.empty_images,
             "empty_images_skipped": self.empty_images_skipped,
+            "stored_frame_images": self.stored_frame_images,
         }
 
     @property
@@ -252,15 +333,15 @@ class COCODetectionDataset(Dataset):
     def _decode(self, record: _ImageRecord) -> np.ndarray:
         path = self.image_dir / record.file_name
         try:
-            image = decode_rgb(str(path))
+            image = decode_rgb(str(path), self.max_image_pixels, apply_exif_orientation=record.exif)
         except FileNotFoundError:
             raise DataError(
                 f"missing image {path} (listed in {self.annotation_file}): restore it or remove its entry"
             ) from None
         if image.shape[:2] != (record.height, record.width):
-            raise DataError(
-                f"{path} is {image.shape[1]}x{image.shape[0]} but {self.annotation_file} says "
-                f"{record.width}x{record.height}: fix the image or its width/height entry"
+            raise DecodeError(
+                f"{path} decodes to {image.shape[1]}x{image.shape[0]}, not the {record.width}x{record.height} read "
+                "from its header when the dataset was built: check the file (it may have changed since)"
             )
         return image
 
@@ -275,7 +356,9 @@ class COCODetectionDataset(Dataset):
         image = self._decode(record)
         masks = None
         if self.with_masks and record.ann_ids:
-            masks = np.stack([self.coco.annToMask(self.coco.anns[a]) for a in record.ann_ids])
+            masks = np.stack(
+                [orient_array(self.coco.annToMask(self.coco.anns[a]), record.orientation) for a in record.ann_ids]
+            )
         boxes, labels, resized_hw = record.boxes, record.labels, (record.height, record.width)
         if self.transform is not None:
             data = {"image": image, "bboxes": boxes, "instance_ids": np.arange(len(labels))}
@@ -315,6 +398,10 @@ class COCODetectionDataset(Dataset):
         """Reseed the transform's random generators (albumentations keeps its own, which forked workers share)."""
         if self.transform is not None:
             self.transform.set_random_seed(seed)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_args(
@@ -383,6 +470,8 @@ class COCODataModule(StrataDataModule):
             ``"exclude"`` leaves it out of the benchmark (its id leaves COCOeval's ``imgIds``, its ground truth with
             it, and it gets no result records), counted as ``val/excluded_images`` and ``excluded_eval_images`` in
             ``summary.json``.
+        max_image_pixels: an image with more pixels (read from its header, never decoded: a decompression bomb) is
+            undecodable, handled as above; default PIL's limit; None or 0: no limit.
     """
 
     def __init__(
@@ -406,11 +495,13 @@ class COCODataModule(StrataDataModule):
         persistent_workers: bool = True,
         max_skipped_fraction: float = 0.001,
         eval_undecodable: str = "error",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.max_skipped_fraction = check_skipped_fraction(max_skipped_fraction)
         check_eval_undecodable(eval_undecodable)
+        self.max_image_pixels = check_max_image_pixels(max_image_pixels)
         _check_args(img_scale, multi_scale, large_scale_jitter, hflip, min_box_size, batch_size, eval_batch_size)
         self.root = Path(root)
         if not self.root.is_dir():
@@ -491,7 +582,8 @@ class COCODataModule(StrataDataModule):
 
     @property
     def counts(self) -> dict[str, dict[str, int]]:
-        """Per built split: images, instances, crowd annotations, degenerate boxes, empty images (skipped)."""
+        """Per built split: images, instances, crowd annotations, degenerate and non-finite boxes, empty images
+        (skipped), images annotated in their stored frame."""
         sets = {"train": self.train_set, "val": self.val_set}
         return {split: ds.counts for split, ds in sets.items() if ds is not None}
 
@@ -516,6 +608,7 @@ class COCODataModule(StrataDataModule):
                 skip_empty=hp.skip_empty_train,
                 min_box_size=hp.min_box_size,
                 category_ids=self.category_ids,
+                max_image_pixels=self.max_image_pixels,
             )
             self._log_counts("train", self.train_set)
         if self.val_set is None:
@@ -529,6 +622,8 @@ class COCODataModule(StrataDataModule):
                 category_ids=self.category_ids,
                 annotations=self._val_json,
                 undecodable=hp.eval_undecodable,
+                max_image_pixels=self.max_image_pixels,
+                orient_annotations=False,
             )
             self._val_json = None
             self._log_counts("val", self.val_set)
@@ -539,9 +634,10 @@ class COCODataModule(StrataDataModule):
             return
         c = dataset.counts
         logger.info(
-            f"coco {split}: {c['degenerate_boxes']} degenerate boxes dropped, {c['empty_images_skipped']} empty images "
-            f"skipped ({c['images']} images, {c['instances']} instances, {c['empty_images']} images without instances, "
-            f"{c['crowd_annotations']} crowd annotations left to COCOeval)"
+            f"coco {split}: {c['degenerate_boxes']} degenerate and {c['invalid_boxes']} non-finite boxes dropped, "
+            f"{c['empty_images_skipped']} empty images skipped ({c['images']} images, {c['instances']} instances, "
+            f"{c['empty_images']} images without instances, {c['crowd_annotations']} crowd annotations left to "
+            f"COCOeval, {c['stored_frame_images']} images annotated in their stored, not upright, frame)"
         )
 
     def _loader(self, dataset: COCODetectionDataset, train: bool) -> DataLoader:
@@ -557,7 +653,9 @@ class COCODataModule(StrataDataModule):
             return self.train_loader(dataset, batch_size=hp.batch_size, drop_last=False, **options)
         if hp.eval_undecodable == "exclude":
             options["collate_fn"] = collate_detection_excluding
-        return build_loader(dataset, train=False, batch_size=hp.eval_batch_size or hp.batch_size, **options)
+        batch_size = hp.eval_batch_size or hp.batch_size
+        name = f"val split {self.val_annotation_file}"
+        return build_loader(dataset, train=False, batch_size=batch_size, name=name, **options)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

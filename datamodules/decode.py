@@ -11,8 +11,15 @@ file's content (never its extension) and converts every mode explicitly:
 - ``I;16*``/``I`` (16-bit): scaled ``v * 255 / 65535`` (rounded), never clipped at 255; ``F``: [0, 1] floats scaled by
   255, other ranges clipped to [0, 255].
 
-A file that cannot be decoded raises ``DecodeError``. What a dataset does with it depends on what the samples are
-for (its ``undecodable`` policy):
+The EXIF Orientation tag (2..8, as phones write it) is applied as ``PIL.ImageOps.exif_transpose`` applies it (and
+torchvision's ``decode_image(..., apply_exif_orientation=True)``), so images are decoded upright, as displayed;
+``orient_array`` and ``orient_boxes`` apply the same transform to masks and boxes drawn in the stored frame, and
+``read_header`` gives a file's stored size and orientation without decoding it. An image of more than
+``max_pixels`` pixels (default ``DEFAULT_MAX_IMAGE_PIXELS``, PIL's decompression-bomb threshold) is refused from its
+header, before any pixel is decoded.
+
+A file that cannot be decoded raises ``DecodeError`` (one over the pixel limit its subclass ``PixelLimitError``).
+What a dataset does with it depends on what the samples are for (its ``undecodable`` policy):
 
 - training (``"replace"``): count it in a ``SkipCounter`` and return another sample in its place
   (``decode_or_replace``), so a bad file costs one sample, never the run;
@@ -28,24 +35,29 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms
+from PIL import ExifTags, Image, ImageCms
 from torch.utils.data import get_worker_info
 
 from core.errors import ConfigError, DataError
 
 __all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "EVAL_UNDECODABLE",
     "DecodeError",
     "ExcludedSample",
     "ExcludedSamples",
+    "ImageHeader",
+    "PixelLimitError",
     "SkipCounter",
     "check_eval_undecodable",
+    "check_max_image_pixels",
     "check_skipped_fraction",
     "check_undecodable_policy",
     "decode_or_exclude",
@@ -53,6 +65,10 @@ __all__ = [
     "decode_rgb",
     "decode_rgb_image",
     "excluded_samples",
+    "open_image",
+    "orient_array",
+    "orient_boxes",
+    "read_header",
     "split_excluded",
     "to_rgb",
 ]
@@ -67,10 +83,26 @@ _REPLACEMENT_TRIES = 16
 _SRGB = ImageCms.createProfile("sRGB")
 
 EVAL_UNDECODABLE = ("error", "exclude")
+# NOTE: PIL's Image.MAX_IMAGE_PIXELS as it ships (1024 * 1024 * 1024 // 4 // 3); a literal, as PIL's can be changed
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+_PIL_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class DecodeError(Exception):
     """A file that exists but does not decode to an image (truncated, zero-byte, corrupt or not an image at all)."""
+
+
+class PixelLimitError(DecodeError):
+    """An image of more pixels than the limit (a decompression bomb, or just too large), refused from its header."""
 
 
 def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
@@ -103,17 +135,145 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def _decode(path: str | Path, convert: Callable[[Image.Image], T]) -> T:
-    """``convert`` of the fully decoded image at ``path``; an undecodable file is a ``DecodeError`` naming it."""
+def check_max_image_pixels(value: int | None) -> int | None:
+    """Validate a datamodule's ``max_image_pixels``: a pixel count, or ``None`` / 0 for no limit (returned as None)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 0):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            f"data.max_image_pixels {value!r} must be a pixel count (default {DEFAULT_MAX_IMAGE_PIXELS}, PIL's "
+            "decompression-bomb limit) or 0 / null for no limit"
+        )
+    return value
+
+
+def _over_limit(path: str | Path, pixels: int | str, limit: int | None, size: str = "") -> PixelLimitError:
+    return PixelLimitError(
+        f"{path}: {size}{pixels} pixels, above the limit of {limit} pixels (a decompression bomb or an oversized "
+        "image): downscale it, or raise the limit with --data.init_args.max_image_pixels N (0: none)"
+    )
+
+
+def _let_pil_open(max_pixels: int | None) -> None:
+    # NOTE: Image.open raises above twice PIL's global limit before any size can be checked here; it is raised
+    # (never lowered) to this limit in whichever process opens the file, so DataLoader workers get it too
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    if pil_limit is not None and (max_pixels is None or max_pixels > pil_limit):
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def open_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """The image file at ``path`` opened (its header read, no pixel decoded), for use as a context manager.
+
+    Raises:
+        FileNotFoundError: the file does not exist (a structural problem: the caller decides).
+        DecodeError: the file is not an image; ``PixelLimitError`` when it has more than ``max_pixels`` pixels
+            (None: no limit). The message names the file, and for the latter its pixel count, the limit and the fix.
+    """
+    _let_pil_open(max_pixels)
     try:
-        with Image.open(path) as image:
-            image.load()  # NOTE: decode fully here, so a truncated file fails now and not inside a transform
-            return convert(image)
+        image = Image.open(path)
     except FileNotFoundError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:
+        found = _PIL_BOMB_PIXELS.search(str(error))
+        raise _over_limit(path, found.group(1) if found else "too many", max_pixels) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
         size = os.path.getsize(path) if os.path.exists(path) else 0
         raise DecodeError(f"{path} ({size} bytes): {type(error).__name__}: {error}") from None
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        image.close()
+        raise _over_limit(path, width * height, max_pixels, f"{width}x{height}, ")
+    return image
+
+
+def _orientation(image: Image.Image, *, decoded: bool) -> int:
+    """The EXIF orientation ``ImageOps.exif_transpose`` applies (1 when none or unreadable)."""
+    try:
+        # NOTE: PNG's getexif decodes the file to find an eXIf chunk after the pixels; a header read skips those
+        exif = image.getexif() if decoded else Image.Image.getexif(image)
+        orientation = exif.get(ExifTags.Base.Orientation, 1)
+    except Exception:  # NOTE: a corrupt EXIF block is no orientation; the pixels still decode
+        return 1
+    return orientation if isinstance(orientation, int) and orientation in _TRANSPOSE else 1
+
+
+class ImageHeader(NamedTuple):
+    """What an image file's header says: its stored ``width`` and ``height`` and its EXIF ``orientation`` (1..8)."""
+
+    width: int
+    height: int
+    orientation: int
+
+    @property
+    def oriented_size(self) -> tuple[int, int]:
+        """``(width, height)`` once the orientation is applied (as displayed, as ``decode_rgb`` decodes it)."""
+        return (self.height, self.width) if self.orientation >= 5 else (self.width, self.height)
+
+
+def read_header(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ImageHeader:
+    """The stored size and EXIF orientation of the image at ``path``, from its header (no pixel is decoded).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        DecodeError: the file is not an image or has more than ``max_pixels`` pixels (``open_image``).
+    """
+    with open_image(path, max_pixels) as image:
+        return ImageHeader(image.width, image.height, _orientation(image, decoded=False))
+
+
+def orient_array(array: np.ndarray, orientation: int) -> np.ndarray:
+    """An ``(H, W, ...)`` array (a mask, an image) transposed as ``ImageOps.exif_transpose`` transposes an image of
+    EXIF ``orientation``; contiguous, a copy unless ``orientation`` is 1 (or not 2..8)."""
+    if orientation not in _TRANSPOSE:
+        return array
+    oriented = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+        8: lambda a: np.rot90(a, 1),
+    }[orientation](array)
+    return np.ascontiguousarray(oriented)
+
+
+def orient_boxes(boxes: np.ndarray, orientation: int, width: int, height: int) -> np.ndarray:
+    """``(N, 4)`` ``xyxy`` boxes drawn on a ``width x height`` stored image, in the frame ``orient_array`` (and
+    ``decode_rgb``) gives that image for EXIF ``orientation``: each box covers the same pixels as before."""
+    if orientation not in _TRANSPOSE or not len(boxes):
+        return boxes
+    x, y = boxes[:, [0, 2]], boxes[:, [1, 3]]
+    new_x, new_y = {
+        2: (width - x, y),
+        3: (width - x, height - y),
+        4: (x, height - y),
+        5: (y, x),
+        6: (height - y, x),
+        7: (height - y, width - x),
+        8: (y, width - x),
+    }[orientation]
+    stacked = [new_x.min(axis=1), new_y.min(axis=1), new_x.max(axis=1), new_y.max(axis=1)]
+    return np.stack(stacked, axis=1).astype(boxes.dtype)
+
+
+def _decode(
+    path: str | Path, convert: Callable[[Image.Image, bool], T], max_pixels: int | None, apply_exif_orientation: bool
+) -> T:
+    """``convert(image, copied)`` of the fully decoded (and oriented) image at ``path``; ``copied`` says whether the
+    image is already a copy of the file's; an undecodable or oversized file is a ``DecodeError`` naming it."""
+    with open_image(path, max_pixels) as image:
+        try:
+            image.load()  # NOTE: decode fully here, so a truncated file fails now and not inside a transform
+            orientation = _orientation(image, decoded=True) if apply_exif_orientation else 1
+            if orientation == 1:
+                return convert(image, False)
+            return convert(image.transpose(_TRANSPOSE[orientation]), True)
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            size = os.path.getsize(path) if os.path.exists(path) else 0
+            raise DecodeError(f"{path} ({size} bytes): {type(error).__name__}: {error}") from None
 
 
 def _checked(rgb: np.ndarray, path: str | Path) -> np.ndarray:
@@ -122,30 +282,38 @@ def _checked(rgb: np.ndarray, path: str | Path) -> np.ndarray:
     return rgb
 
 
-def decode_rgb(path: str | Path) -> np.ndarray:
-    """Decode the image file at ``path`` to an ``(H, W, 3)`` uint8 RGB array.
+def decode_rgb(
+    path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, *, apply_exif_orientation: bool = True
+) -> np.ndarray:
+    """Decode the image file at ``path`` to an ``(H, W, 3)`` uint8 RGB array, upright (its EXIF orientation applied
+    unless ``apply_exif_orientation`` is False).
 
     Raises:
         FileNotFoundError: the file does not exist (a structural problem: the caller decides).
-        DecodeError: the file exists but is not a decodable image; the message names the file and the cause.
+        DecodeError: the file exists but is not a decodable image, or has more than ``max_pixels`` pixels (None: no
+            limit; checked from the header, before decoding); the message names the file and the cause.
     """
-    return np.ascontiguousarray(_checked(_decode(path, to_rgb), path))
+    rgb = _decode(path, lambda image, _: to_rgb(image), max_pixels, apply_exif_orientation)
+    return np.ascontiguousarray(_checked(rgb, path))
 
 
-def decode_rgb_image(path: str | Path) -> Image.Image:
+def decode_rgb_image(
+    path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, *, apply_exif_orientation: bool = True
+) -> Image.Image:
     """``decode_rgb`` as an RGB PIL image, for PIL transforms (timm's): an RGB file is not copied through numpy.
 
     Raises:
         FileNotFoundError: the file does not exist (a structural problem: the caller decides).
-        DecodeError: the file exists but is not a decodable image; the message names the file and the cause.
+        DecodeError: the file exists but is not a decodable image, or has more than ``max_pixels`` pixels; the
+            message names the file and the cause.
     """
 
-    def convert(image: Image.Image) -> Image.Image:
+    def convert(image: Image.Image, copied: bool) -> Image.Image:
         if image.mode == "RGB" and min(image.size) >= 1:
-            return image.copy()
+            return image if copied else image.copy()
         return Image.fromarray(_checked(np.ascontiguousarray(to_rgb(image)), path))
 
-    return _decode(path, convert)
+    return _decode(path, convert, max_pixels, apply_exif_orientation)
 
 
 class SkipCounter:

@@ -12,10 +12,12 @@ from torch.utils.data import Dataset
 from core.errors import DataError
 
 from .decode import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     DecodeError,
     ExcludedSample,
     ExcludedSamples,
     SkipCounter,
+    check_max_image_pixels,
     check_undecodable_policy,
     decode_or_exclude,
     decode_or_replace,
@@ -99,20 +101,30 @@ class ImageFolderDataset(Dataset):
     """(path, label) samples decoded to RGB PIL images (``datamodules.decode.decode_rgb_image``) and passed through a
     transform called as ``transform(image=pil_image)["image"]`` (``datamodules.classification_transforms``).
 
-    Returns ``(image CHW float tensor, label)``. A file that fails to decode (or vanished since the scan) is handled
-    by ``undecodable``: ``"replace"`` (training) logs it, counts it in ``skip_counter`` and returns the next decodable
-    sample with that sample's own label; ``"error"`` raises a one-line ``DataError`` naming the file; ``"exclude"``
-    returns an ``ExcludedSample`` (key: the index) that ``collate_classification_excluding`` drops from the batch.
+    Returns ``(image CHW float tensor, label)``, the image upright (its EXIF orientation applied). A file that fails to
+    decode (or vanished since the scan, or has more than ``max_image_pixels`` pixels) is handled by ``undecodable``:
+    ``"replace"`` (training) logs it, counts it in ``skip_counter`` and returns the next decodable sample with that
+    sample's own label; ``"error"`` raises a one-line ``DataError`` naming the file; ``"exclude"`` returns an
+    ``ExcludedSample`` (key: the index) that ``collate_classification_excluding`` drops from the batch.
 
     Args:
         samples: (path, class index) pairs.
         transform: a seeded transform (``SeededTimmTransform``) returning a tensor ``image``.
         undecodable: ``"replace"`` (training), ``"error"`` or ``"exclude"`` (evaluation, never substituted).
+        max_image_pixels: images with more pixels are undecodable (read from the header, never decoded); None or 0:
+            no limit.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, undecodable: str = "replace") -> None:
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        transform: Callable,
+        undecodable: str = "replace",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.max_image_pixels = check_max_image_pixels(max_image_pixels)
         self.undecodable = check_undecodable_policy(undecodable)
         self.skip_counter = SkipCounter() if undecodable == "replace" else None
 
@@ -122,7 +134,7 @@ class ImageFolderDataset(Dataset):
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         try:
-            image = decode_rgb_image(path)
+            image = decode_rgb_image(path, self.max_image_pixels)
         except FileNotFoundError:
             raise DecodeError(f"{path}: the file disappeared after the dataset was scanned") from None
         return self.transform(image=image)["image"], label

@@ -12,7 +12,7 @@ from core.errors import ConfigError, DataError
 
 from .base import StrataDataModule
 from .classification_transforms import build_eval_transform, build_train_transform, check_rand_augment
-from .decode import check_eval_undecodable, check_skipped_fraction
+from .decode import DEFAULT_MAX_IMAGE_PIXELS, check_eval_undecodable, check_max_image_pixels, check_skipped_fraction
 from .image_folder import (
     ImageFolderDataset,
     collate_classification_excluding,
@@ -66,6 +66,8 @@ class ImageNetDataModule(StrataDataModule):
             ``"exclude"`` leaves it out of the metric (the top-1/top-5 denominators count decoded images only) and
             of the predictions, counted as ``val/excluded_images`` and ``excluded_eval_images`` in ``summary.json``;
             evaluation batches then end with their ``ExcludedSamples`` (``collate_classification_excluding``).
+        max_image_pixels: an image with more pixels (read from its header, never decoded: a decompression bomb) is
+            undecodable, handled as above; default PIL's limit; None or 0: no limit.
     """
 
     def __init__(
@@ -93,11 +95,13 @@ class ImageNetDataModule(StrataDataModule):
         class_names_file: str | None = None,
         max_skipped_fraction: float = 0.001,
         eval_undecodable: str = "error",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.max_skipped_fraction = check_skipped_fraction(max_skipped_fraction)
         check_eval_undecodable(eval_undecodable)
+        self.max_image_pixels = check_max_image_pixels(max_image_pixels)
         check_rand_augment(rand_augment)
         if repeated_augmentation < 1:
             raise ConfigError(
@@ -155,7 +159,8 @@ class ImageNetDataModule(StrataDataModule):
                 mean=tuple(hp.mean),
                 std=tuple(hp.std),
             )
-            self.train_set = ImageFolderDataset(scan_image_folder(self.root / "train", self.classes), train_tf)
+            samples = scan_image_folder(self.root / "train", self.classes)
+            self.train_set = ImageFolderDataset(samples, train_tf, max_image_pixels=self.max_image_pixels)
         if self.val_set is None:
             eval_tf = build_eval_transform(
                 hp.img_size,
@@ -165,7 +170,9 @@ class ImageNetDataModule(StrataDataModule):
                 std=tuple(hp.std),
             )
             samples = scan_image_folder(self.root / "val", self.classes)
-            self.val_set = ImageFolderDataset(samples, eval_tf, undecodable=hp.eval_undecodable)
+            self.val_set = ImageFolderDataset(
+                samples, eval_tf, undecodable=hp.eval_undecodable, max_image_pixels=self.max_image_pixels
+            )
 
     def _loader(self, dataset: ImageFolderDataset, train: bool) -> DataLoader:
         hp = self.hparams
@@ -173,9 +180,9 @@ class ImageNetDataModule(StrataDataModule):
         if train:
             return self.train_loader(dataset, batch_size=hp.batch_size, num_repeats=hp.repeated_augmentation, **options)
         collate = collate_classification_excluding if hp.eval_undecodable == "exclude" else None
-        return build_loader(
-            dataset, train=False, batch_size=hp.eval_batch_size or hp.batch_size, collate_fn=collate, **options
-        )
+        batch_size = hp.eval_batch_size or hp.batch_size
+        name = f"val split {self.root / 'val'}"
+        return build_loader(dataset, train=False, batch_size=batch_size, collate_fn=collate, name=name, **options)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

@@ -179,6 +179,7 @@ def build_loader(
     seed: int = 0,
     drop_last: bool | None = None,
     num_repeats: float = 1,
+    name: str = "the evaluation set",
 ) -> DataLoader:
     """The project's DataLoader for one split.
 
@@ -186,7 +187,8 @@ def build_loader(
     ``SeededSamples(dataset)``, and by
     default the last ragged batch dropped (mixup/cutmix need an even batch, and a small last batch skews batch
     statistics).
-    Evaluation: in order, and under DDP an ``UnpaddedDistributedSampler`` so that every sample is scored once.
+    Evaluation: in order, and under DDP an ``UnpaddedDistributedSampler`` so that every sample is scored once (a
+    set, called ``name`` in its error, with fewer samples than ranks is a ``DataError``).
     Either way the loader owns a generator seeded from ``seed``, so creating an iterator never draws from the global
     random stream (a resumed run would otherwise shift the model's dropout and drop-path masks).
     """
@@ -196,7 +198,7 @@ def build_loader(
         sampler: Any = ResumableSampler(dataset, seed, num_repeats=num_repeats)
         dataset = SeededSamples(dataset)
     else:
-        sampler = UnpaddedDistributedSampler(dataset) if world > 1 else None
+        sampler = UnpaddedDistributedSampler(dataset, name=name) if world > 1 else None
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -12,6 +12,7 @@ from PIL import Image
 
 from core.errors import DataError
 from datamodules.ade20k import ADE20KDataModule
+from datamodules.samplers import UnpaddedDistributedSampler
 
 STEMS = ("ADE_train_00000001", "ADE_train_00000002", "ADE_train_00000003")
 
@@ -98,3 +99,57 @@ def test_an_undecodable_val_image_is_never_replaced(tmp_path: Path) -> None:
     batch = next(iter(dm.val_dataloader()))
     assert len(batch[0]) == 0 and [(e.index, e.key) for e in batch[3]] == [(0, STEMS[0])]
     assert dm.val_set[1][2]["name"] == STEMS[1]  # the others keep their own pairs
+
+
+def _palette_masks(root: Path, palettes: tuple[list[int], ...]) -> None:
+    """Re-save the training masks as mode P, mask ``i`` with palette ``palettes[i]`` (the indices stay the labels)."""
+    for stem, palette in zip(STEMS, palettes, strict=True):
+        path = root / "annotations" / "training" / f"{stem}.png"
+        with Image.open(path) as f:
+            mask = f.copy()
+        mask.putpalette(palette)
+        mask.save(path)
+        with Image.open(path) as f:
+            assert f.mode == "P" and np.array_equal(np.asarray(f), np.asarray(mask))
+
+
+def _colours(seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 256, 256 * 3).tolist()
+
+
+def test_p_masks_sharing_the_palette_over_their_indices_pass(tmp_path: Path) -> None:
+    root = _write(tmp_path / "ade", label_values=(0, 1, 150))
+    other = _colours(0)
+    other[3 * 7 : 3 * 8] = [1, 2, 3]  # NOTE: index 7 is used by no mask
+    _palette_masks(root, (_colours(0), other, _colours(0)))
+    dm = _setup(root)
+    assert len(dm.train_set) == 3
+
+
+def test_a_p_mask_with_another_palette_fails_at_setup_naming_both_masks(tmp_path: Path) -> None:
+    root = _write(tmp_path / "ade", label_values=(0, 1, 150))
+    recoloured = _colours(0)
+    recoloured[3 * 150 : 3 * 151] = [9, 9, 9]  # NOTE: the colour of index 150, which the third mask uses
+    _palette_masks(root, (_colours(0), _colours(0), recoloured))
+    message = _raises(
+        root, rf"annotation .*training/{STEMS[2]}\.png has another palette than .*training/{STEMS[0]}\.png over the"
+    )
+    assert message.endswith("re-save it as a mode L PNG of class indices")
+
+
+def test_an_evaluation_split_smaller_than_the_ranks_is_one_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fix = r"evaluate on at most 3 ranks \(--trainer.devices, --trainer.num_nodes\) or add samples to it$"
+    with pytest.raises(DataError, match=rf"^val x has 3 samples, fewer than the 4 DDP ranks \(.*\): {fix}"):
+        UnpaddedDistributedSampler(list(range(3)), num_replicas=4, rank=0, name="val x")
+    with pytest.raises(DataError, match=r"^val x has 0 samples, fewer than the 2 DDP ranks \(.*\): add samples to it$"):
+        UnpaddedDistributedSampler([], num_replicas=2, rank=1, name="val x")
+    assert [len(UnpaddedDistributedSampler(list(range(3)), num_replicas=3, rank=r)) for r in range(3)] == [1, 1, 1]
+    dm = _setup(_write(tmp_path / "ade"))  # NOTE: 3 validation pairs
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 3)
+    with pytest.raises(DataError, match=r"^val split .*/validation has 3 samples, fewer than the 4 DDP ranks") as e:
+        dm.val_dataloader()
+    assert "evaluate on at most 3 ranks (--trainer.devices, --trainer.num_nodes)" in str(e.value)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from core.errors import DataError
@@ -97,3 +98,34 @@ def test_an_undecodable_image_is_replaced_by_the_next_with_its_own_targets(tmp_p
     stand_in, own = samples[1][1], samples[2][1]
     assert stand_in["labels"].tolist() == own["labels"].tolist() == [1]  # c.jpg's own category (id 3 -> label 1)
     assert dm.train_set.skip_counter.skipped == 1 and dm.train_set.skip_counter.requested == 4
+
+
+def test_non_finite_boxes_are_dropped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = _write(tmp_path / "coco")
+    path = root / "annotations" / "instances_train2017.json"
+    data = json.loads(path.read_text())
+    data["annotations"][1]["bbox"] = [float("nan"), 4.0, 20.0, 16.0]
+    data["annotations"][2]["bbox"] = [4.0, 4.0, float("inf"), 16.0]
+    data["annotations"][3]["bbox"] = [4.0, float("-inf"), 20.0, float("nan")]
+    path.write_text(json.dumps(data))  # NOTE: json writes NaN / Infinity, as numpy-fed exporters do
+    assert "NaN" in path.read_text() and "Infinity" in path.read_text()
+    dm = _dm(root)
+    with caplog.at_level("INFO", logger="datamodules.coco"):
+        dm.setup("fit")
+    assert dm.train_set.counts["invalid_boxes"] == 3 and dm.train_set.counts["instances"] == 1
+    boxes = [dm.train_set[i][1]["boxes"] for i in range(len(dm.train_set))]
+    assert [len(b) for b in boxes] == [1, 0, 0, 0] and all(torch.isfinite(b).all() for b in boxes)
+    assert "coco train: 0 degenerate and 3 non-finite boxes dropped" in caplog.text
+    assert dm.val_set.counts["invalid_boxes"] == 0
+
+
+@pytest.mark.parametrize("bbox", [["4", 4, 20, 16], [None, 4, 20, 16], [4, 4, 20], [4, True, 20, 16], "4 4 20 16"])
+def test_a_bbox_that_is_not_four_numbers_is_one_line_naming_the_annotation(tmp_path: Path, bbox: object) -> None:
+    root = _write(tmp_path / "coco")
+    path = root / "annotations" / "instances_train2017.json"
+    data = json.loads(path.read_text())
+    data["annotations"][1]["bbox"] = bbox
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"instances_train2017.json: annotation 11 has bbox .*, not four numbers") as e:
+        _dm(root).setup("fit")
+    assert _one_line(e).endswith("[x, y, width, height]: fix the annotation file")

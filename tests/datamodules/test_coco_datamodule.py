@@ -157,9 +157,10 @@ def test_crowd_degenerate_and_empty_are_left_out_and_counted(coco_root: Path, ca
     # the half-outside box is clipped to the image, not dropped
     torch.testing.assert_close(train[20][1]["boxes"][2], torch.tensor([30.0, 50.0, 40.0, 60.0]))
     expected = dict(images=2, instances=5, crowd_annotations=2, degenerate_boxes=2, empty_images=2)
+    expected.update(invalid_boxes=0, stored_frame_images=0)
     assert dm.counts["train"] == {**expected, "empty_images_skipped": 2}
     assert dm.counts["val"] == {**expected, "images": 4, "empty_images_skipped": 0}
-    assert "coco train: 2 degenerate boxes dropped, 2 empty images skipped" in caplog.text
+    assert "coco train: 2 degenerate and 0 non-finite boxes dropped, 2 empty images skipped" in caplog.text
     kept = _dm(coco_root, skip_empty_train=False)
     kept.setup("fit")
     assert len(kept.train_set) == 4 and kept.train_set.counts["empty_images_skipped"] == 0
