@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from .prediction_writers import prediction_writer_for
 from .preemption import Preemption, StoppedBeforeTraining, report_stop_before_training, stop_before_training
 from .process_rank import is_first_process
 from .random_streams import RandomStateCheckpoint
+from .resume_checks import ResumeSettings, check_resume_settings, trajectory_settings
 from .run_directory import RUN_NAME_ENV, default_run_name, ensure_demo_data, remove_stale_temporary_files
 from .run_lock import RunLock
 
@@ -173,6 +175,8 @@ class StrataCLI(LightningCLI):
                     enable_version_counter=False,
                 )
             )
+        if self.subcommand == "fit":
+            callbacks.append(ResumeSettings(config))
         if self.subcommand == "predict":
             callbacks.append(prediction_writer_for(model, self.run_dir))
         return callbacks
@@ -202,6 +206,10 @@ class StrataCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._resolve_ckpt_path("last.ckpt")
+        ckpt_path = self._subcommand(self.config_init).get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            settings = trajectory_settings(self._subcommand(self.config), self.trainer.world_size)
+            check_resume_settings(ckpt_path, settings, self.run_dir)
 
     def before_validate(self) -> None:
         self._resolve_ckpt_path("best.ckpt")
@@ -233,7 +241,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> StrataCLI:
 def main() -> None:
     """Entry point: user errors (bad data, bad config) end with one line on stderr and exit code 2; a stop signal
     before training ends with exit code 0 (``runs/preemption.py``)."""
-    stop_before_training()
+    previous_handlers = stop_before_training()
     try:
         cli_main()
     except StoppedBeforeTraining as stop:
@@ -247,6 +255,9 @@ def main() -> None:
         end_progress_bar_lines()
         print(f"error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
 
 
 def end_progress_bar_lines() -> None:

@@ -58,13 +58,13 @@ def _stop_now(signum: int, frame: FrameType | None) -> None:
     raise StoppedBeforeTraining(signum)
 
 
-def stop_before_training() -> None:
+def stop_before_training() -> dict[int, Any]:
     """Until ``Preemption`` takes over, SIGTERM and the requeue signal end the process with exit code 0 (the caller
-    reports it, and requeues: ``StoppedBeforeTraining``), not with the default death by signal."""
+    reports it, and requeues: ``StoppedBeforeTraining``), not with the default death by signal. Returns the handlers
+    it replaced, for ``signal.signal`` to restore."""
     if os.name == "nt":
-        return
-    for signum in (signal.SIGTERM, REQUEUE_SIGNAL):
-        signal.signal(signum, _stop_now)
+        return {}
+    return {signum: signal.signal(signum, _stop_now) for signum in (signal.SIGTERM, REQUEUE_SIGNAL)}
 
 
 def requeue_slurm_job() -> None:

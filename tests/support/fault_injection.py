@@ -97,3 +97,18 @@ class SignalRankAtStep(L.Callback):
                     f.write(str(time.time()))
             killer = "import os, sys; os.kill(int(sys.argv[1]), int(sys.argv[2]))"
             subprocess.run([sys.executable, "-c", killer, str(os.getpid()), str(int(self.signum))], check=False)
+
+
+class SignalAtBatch(L.Callback):
+    """Sends ``signal_name`` to this process after training batch number ``batch`` (counted from 0 over the whole
+    run, micro-batches included): with gradient accumulation, a signal between the micro-batches of one step."""
+
+    def __init__(self, batch: int, signal_name: str = "SIGTERM") -> None:
+        self.batch = batch
+        self.signum = getattr(signal, signal_name)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch * trainer.num_training_batches + batch_idx == self.batch:
+            os.kill(os.getpid(), self.signum)
