@@ -42,6 +42,7 @@ from .random_streams import RandomStateCheckpoint
 from .resume_checks import ResumeSettings, check_resume_settings, trajectory_settings
 from .run_directory import RUN_NAME_ENV, default_run_name, ensure_demo_data, remove_stale_temporary_files
 from .run_lock import RunLock
+from .terminal import end_progress_bar_lines
 
 __all__ = ["StrataCLI", "cli_main", "end_progress_bar_lines", "main"]
 
@@ -258,17 +259,3 @@ def main() -> None:
     finally:
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
-
-
-def end_progress_bar_lines() -> None:
-    """End the line of every progress bar still on screen, so that an error message starts on a fresh line.
-
-    tqdm (Lightning's default bar) leaves the cursor at the end of the bar's line; a bar the error interrupted is
-    still open (in ``tqdm._instances``).
-    """
-    from tqdm import tqdm
-
-    for bar in list(getattr(tqdm, "_instances", ())):
-        if not bar.disable and bar.fp is not None:
-            bar.fp.write("\n")
-            bar.fp.flush()

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .process_rank import is_first_process
+from .terminal import end_progress_bar_lines
 
 __all__ = [
     "Preemption",
@@ -105,6 +106,7 @@ class Preemption(L.Callback):
         self._received = torch.zeros(2, dtype=torch.int64)
         self._previous_handlers: dict[int, Any] = {}
         self._val_batches_on_every_rank = 0
+        self._stopping_in_validation = False
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._received[_STOP] = 1
@@ -164,12 +166,33 @@ class Preemption(L.Callback):
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
             return
         path = self.run_dir / "last.ckpt"
+        self._stopping_in_validation = trainer.validating
         trainer.save_checkpoint(path, weights_only=False)  # NOTE: the full state, to resume from
+        self._stopping_in_validation = False
         if trainer.is_global_zero:
+            end_progress_bar_lines()
             step = trainer.global_step
             print(f"Preempted at step {step}: saved {path}; rerun the same command to resume.", flush=True)
         if self.requeue_requested and trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
             requeue_slurm_job()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._stopping_in_validation:
+            _mark_validation_unfinished(checkpoint)
+
+
+def _mark_validation_unfinished(checkpoint: dict[str, Any]) -> None:
+    """Make the resumed fit repeat the validation a stop interrupted.
+
+    Lightning repeats a validation only when its checkpoint was written inside a validation batch (one batch
+    started, not processed); stopped after a validation batch, it would skip the rest of that validation, and its
+    metrics and the best checkpoint of that epoch would be lost. The validation's progress is marked as in the middle
+    of a batch, so the resumed run validates again, every batch from the first (metric states are not saved).
+    """
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+    total = progress["total"]
+    total["processed"] = total["completed"] = max(total["started"] - 1, 0)
+    progress["current"] = dict.fromkeys(progress["current"], 0)  # NOTE: the repeat runs every batch again
 
 
 def report_stop_before_training(stop: StoppedBeforeTraining) -> None:

@@ -8,6 +8,7 @@ errors, the checkpoint loading with ``weights_only=True``, no temporary file lef
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pickle
@@ -283,3 +284,56 @@ def test_an_error_under_an_open_progress_bar_starts_on_a_fresh_line() -> None:
         assert screen.getvalue().endswith("\n")
     finally:
         bar.close()
+
+
+def _val_rows(run_dir: Path) -> list[dict[str, str]]:
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [
+            {k: v for k, v in row.items() if k.startswith(("epoch", "val/"))}
+            for row in csv.DictReader(f)
+            if row["val/top1"]
+        ]
+
+
+@pytest.mark.slow
+def test_a_signal_during_a_long_validation_stops_it_and_the_resumed_run_repeats_it(
+    tiny_imagenet: Path, tmp_path: Path
+) -> None:
+    long_validation = ["--data.init_args.eval_batch_size", "1"]  # 32 validation batches
+    signalled = _callback("SignalAtValidationBatch", batch=5, signal_name="SIGTERM")
+    stopped = run_train(_fit_args(tiny_imagenet, tmp_path, *long_validation, *signalled), timeout=300)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "Preempted at step 4: saved" in stopped.stdout  # the end of epoch 0's training, in its validation
+    assert _val_rows(tmp_path / "run") == []  # stopped before that validation ended
+    resumed = run_train(_fit_args(tiny_imagenet, tmp_path, *long_validation), timeout=300)
+    reference = run_train(_fit_args(tiny_imagenet, tmp_path / "reference", *long_validation), timeout=300)
+    assert resumed.returncode == 0 and reference.returncode == 0, resumed.stderr[-3000:] + reference.stderr[-3000:]
+    assert _val_rows(tmp_path / "run") == _val_rows(tmp_path / "reference" / "run")  # epoch 0 validated in full
+    (final, weights), (ref_final, ref_weights) = _last(tmp_path / "run"), _last(tmp_path / "reference" / "run")
+    assert final == ref_final == STEPS
+    assert [k for k in weights if not torch.equal(weights[k], ref_weights[k])] == []
+    best, ref_best = (
+        torch.load(d / "best.ckpt", weights_only=True)["global_step"]
+        for d in (tmp_path / "run", tmp_path / "reference" / "run")
+    )
+    assert best == ref_best
+
+
+@pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGTERM"])
+def test_a_signal_during_setup_exits_0_and_requeues_on_sigusr1(
+    signal_name: str, tiny_imagenet: Path, tmp_path: Path
+) -> None:
+    env, record = _slurm_env(tmp_path)
+    stopped = run_train(
+        _fit_args(tiny_imagenet, tmp_path, *_callback("SignalInSetup", signal_name=signal_name)), env=env, timeout=300
+    )
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert f"Stopped by {signal_name} while no training step was running: nothing to save." in stopped.stdout
+    assert not (tmp_path / "run" / "last.ckpt").exists()
+    if signal_name == "SIGUSR1":
+        assert record.read_text().split() == ["requeue", "4242"]
+    else:
+        assert not record.exists()

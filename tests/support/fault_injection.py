@@ -112,3 +112,29 @@ class SignalAtBatch(L.Callback):
     ) -> None:
         if trainer.current_epoch * trainer.num_training_batches + batch_idx == self.batch:
             os.kill(os.getpid(), self.signum)
+
+
+class SignalAtValidationBatch(L.Callback):
+    """Sends ``signal_name`` to this process after validation batch ``batch`` of the first validation of fit (not
+    the sanity check): a signal during a long validation."""
+
+    def __init__(self, batch: int, signal_name: str = "SIGTERM") -> None:
+        self.batch, self.sent = batch, False
+        self.signum = getattr(signal, signal_name)
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, *args: Any
+    ) -> None:
+        if not trainer.sanity_checking and not self.sent and batch_idx == self.batch:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+class SignalInSetup(L.Callback):
+    """Sends ``signal_name`` to this process while the Trainer sets up (after the data is scanned, before any step)."""
+
+    def __init__(self, signal_name: str = "SIGUSR1") -> None:
+        self.signum = getattr(signal, signal_name)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        os.kill(os.getpid(), self.signum)
