@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "TrainingHealthError", "UserError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "DiskFullError", "TrainingHealthError", "UserError"]
 
 # NOTE: torch re-raises a worker's exception as exc_type(f"Caught {name} {where}.\nOriginal {traceback}")
 _RERAISED = re.compile(r"Caught \w+ in (DataLoader worker process \d+|pin memory thread[^.]*)\.\nOriginal Traceback")
@@ -45,6 +45,10 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, truncated, corrupt, unsafe to unpickle, or of another model."""
+
+
+class DiskFullError(UserError):
+    """A write that the filesystem refused for space (``ENOSPC``, ``EDQUOT``, ``EFBIG``): the file, the space left."""
 
 
 class TrainingHealthError(UserError):

@@ -19,9 +19,17 @@ __all__ = ["AtomicCheckpointIO", "CheckedCheckpointIO"]
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` through ``core.files.write_atomically``: ``path`` always holds either the previous complete
-    checkpoint or the new complete one (Lightning's own writer streams straight into the final file)."""
+    checkpoint or the new complete one (Lightning's own writer streams straight into the final file).
+
+    A save the filesystem refuses for space (``ENOSPC``, ``EDQUOT``, ``EFBIG``; ``torch.save`` reports it as a
+    ``RuntimeError`` "unexpected pos") is a one-line ``DiskFullError`` naming ``path``, the space left and the fix;
+    the temporary ``.<name>.tmp`` is removed and ``path`` keeps the previous checkpoint, which a rerun resumes from.
+    Lightning saves on rank 0 only; under DDP the other ranks wait at ``Trainer.save_checkpoint``'s barrier until
+    rank 0's exit breaks it: with gloo at once, each with a "Connection closed by peer" traceback of its own.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        """Write ``checkpoint`` to ``path`` atomically (``storage_options`` is not used)."""
         write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from timm.models import save_for_hf
 from torch import nn
 
-from core.files import move_into_place
+from core.files import disk_full_errors, move_into_place
 
 __all__ = ["export_for_timm"]
 
@@ -36,8 +36,9 @@ def export_for_timm(
 ) -> Path:
     """Write ``model.safetensors``, ``config.json`` and ``pretrained_cfg.json`` for a timm model into ``run_dir``.
 
-    Each file is written to a temporary folder first and moved into place, so a reader never sees a partial file.
-    Returns the path of ``model.safetensors``.
+    Each file is written to a temporary folder first and moved into place, so a reader never sees a partial file; a
+    full disk is a one-line ``DiskFullError`` (``core.files.disk_full_errors``). Returns the path of
+    ``model.safetensors``.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +46,8 @@ def export_for_timm(
     if label_names is not None:
         model_config["label_names"] = list(label_names)
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-") as tmp:
-        save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
+        with disk_full_errors(run_dir / "model.safetensors"):
+            save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
         config = json.loads((Path(tmp) / "config.json").read_text())
         pretrained_cfg = dict(config.get("pretrained_cfg", {}))
         pretrained_cfg.pop("tag", None)  # NOTE: the tag of the weights training started from, not of these

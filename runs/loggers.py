@@ -13,7 +13,10 @@ starts).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import logging
 import netrc
 import os
 import secrets
@@ -24,14 +27,18 @@ from typing import Any
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
 
-from core.files import write_text_atomically
+from core.errors import DiskFullError
+from core.files import disk_full_errors, write_text_atomically
 
 __all__ = ["WANDB_ID_FILE", "AppendingCSVLogger", "has_wandb_credentials", "point_loggers_at_run", "wandb_run_id"]
 
 WANDB_ID_FILE = "wandb_run_id"
 _WANDB = "WandbLogger"
 _TENSORBOARD = "TensorBoardLogger"
+
+log = logging.getLogger(__name__)
 
 
 def has_wandb_credentials() -> bool:
@@ -96,7 +103,13 @@ def point_loggers_at_run(logger_config: Any, run_dir: Path, run_name: str, *, wr
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Keeps an existing ``metrics.csv`` and appends to it, starting from its header's columns."""
+    """Keeps an existing ``metrics.csv`` and appends to it, starting from its header's columns.
+
+    A save that fails (a full disk is a ``DiskFullError`` naming the file) leaves ``metrics.csv`` as it was: the bytes
+    it appended are cut off again, a new header is written atomically, and the unsaved rows wait for the next save.
+    """
+
+    _complete_size: int | None = None
 
     def _check_log_dir_exists(self) -> None:
         if not os.path.isfile(self.metrics_file_path):
@@ -104,6 +117,37 @@ class _AppendingWriter(ExperimentWriter):
         with open(self.metrics_file_path, newline="") as file:
             header = next(csv.reader(file), [])
         self.metrics_keys = sorted(set(header))
+
+    def save(self) -> None:
+        """Append the rows logged since the last save to ``metrics.csv`` (all of them, or none)."""
+        path = self.metrics_file_path
+        self._complete_size = os.path.getsize(path) if os.path.isfile(path) else None
+        try:
+            with disk_full_errors(path):
+                super().save()
+        except BaseException:
+            self._restore_complete_file()
+            raise
+
+    def _restore_complete_file(self) -> None:
+        path = self.metrics_file_path
+        with contextlib.suppress(OSError):
+            if self._complete_size is None:
+                os.remove(path)
+            elif os.path.getsize(path) > self._complete_size:
+                os.truncate(path, self._complete_size)
+        self.metrics_keys = []
+        self._check_log_dir_exists()  # NOTE: the columns of the header on disk, which the next save extends
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as file:
+            rows = list(csv.DictReader(file))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomically(self.metrics_file_path, text.getvalue())
+        self._complete_size = os.path.getsize(self.metrics_file_path)
 
 
 class AppendingCSVLogger(CSVLogger):
@@ -121,3 +165,14 @@ class AppendingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Save the last rows; after a failed run (``status`` ``"failed"``) a full disk is logged, not raised, so that
+        the run's own error (often the same full disk, met by a checkpoint) is the one reported."""
+        try:
+            super().finalize(status)
+        except DiskFullError as error:
+            if status != "failed":
+                raise
+            log.warning("%s", error)
