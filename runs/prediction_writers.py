@@ -5,12 +5,19 @@
 ``max_overlays`` images (per process) to ``predictions/overlays/`` beside the ground truth. An image excluded because
 it does not decode (``data.eval_undecodable: exclude``) gets no prediction. What a writer needs from the data (class
 names, category ids, the normalisation) comes from the task's ``dataset_info``; every file is written atomically.
+
+``predictions.csv`` is always valid UTF-8, whatever the file names: on Linux a name may be any bytes, which Python
+holds as surrogate escapes (``b"caf\\xe9.jpg"`` is ``"caf\\udce9.jpg"``); such a cell is escaped (``csv_cell``) and
+``path_from_csv`` maps it back to the exact file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +29,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from core.files import write_atomically, write_text_atomically
+from core.files import disk_full_errors, move_into_place, temporary_path, write_atomically, write_text_atomically
 from datamodules.decode import excluded_samples
 from datamodules.image_folder import ImageFolderDataset
 from tasks.base import StrataTask
@@ -33,8 +40,36 @@ __all__ = [
     "ClassificationPredictionWriter",
     "CocoPredictionWriter",
     "SegmentationPredictionWriter",
+    "csv_cell",
+    "path_from_csv",
     "prediction_writer_for",
 ]
+
+_ESCAPE = re.compile(rb"\\x([0-9a-f]{2})")
+
+
+def _unescape(cell: str) -> bytes:
+    return _ESCAPE.sub(lambda match: bytes([int(match[1], 16)]), cell.encode("utf-8"))
+
+
+def csv_cell(text: str) -> str:
+    """``text`` (a path, a class name) as a CSV cell that is valid UTF-8 and maps back exactly (``path_from_csv``).
+
+    Text that is valid UTF-8 is written as is. Text that is not (a Linux file name of other bytes, held by Python as
+    surrogate escapes), or that itself contains a backslash, ``x`` and two lowercase hex digits, is written as its
+    bytes (``os.fsencode``) with each backslash as ``\\x5c`` and each byte that is not valid UTF-8 as ``\\xHH``
+    (``backslashreplace``, lowercase hex): ``b"caf\\xe9.jpg"`` is written ``caf\\xe9.jpg``.
+    """
+    with contextlib.suppress(UnicodeEncodeError):
+        if _ESCAPE.search(text.encode("utf-8")) is None:
+            return text
+    return os.fsencode(text).replace(b"\\", b"\\x5c").decode("utf-8", "backslashreplace")
+
+
+def path_from_csv(cell: str) -> str:
+    """The path (or class name) a ``predictions.csv`` cell stands for: ``os.fsdecode`` of the cell's UTF-8 bytes with
+    each ``\\xHH`` replaced by the byte ``HH`` (the inverse of ``csv_cell``)."""
+    return os.fsdecode(_unescape(cell))
 
 
 def _save_png(picture: Image.Image, target: Path) -> None:
@@ -44,24 +79,39 @@ def _save_png(picture: Image.Image, target: Path) -> None:
 class ClassificationPredictionWriter(BasePredictionWriter):
     """One CSV row per image: its path (for a class-folder dataset), label, and the top-5 classes with scores.
 
+    Columns: ``path`` (the image file; empty for a dataset that is not a class folder), ``label`` (its class index),
+    ``top1`` and ``top1_name`` (the predicted class index and name), ``top5`` (the top-5 class indices, best first,
+    space-separated) and ``top5_probs`` (their softmax probabilities, 4 decimals). The file is UTF-8. ``path`` and
+    ``top1_name`` are ``csv_cell(text)``: the text as is when it is valid UTF-8; a file name that is not (Linux allows
+    any bytes) is written as its bytes with ``\\xHH`` for each byte that does not decode and ``\\x5c`` for each
+    backslash (``b"caf\\xe9.jpg"`` as ``caf\\xe9.jpg``), and so is a valid name that itself contains ``\\x`` and two
+    lowercase hex digits. Read back: ``path_from_csv(cell)`` (``os.fsdecode`` of the cell's UTF-8 bytes with each
+    ``\\xHH`` replaced by the byte ``HH``) is the exact file name.
+
     An image excluded because it does not decode (``data.eval_undecodable: exclude``) gets no row: the batch's rows
     are its sampler indices less the batch's ``ExcludedSamples``.
 
     Each process writes its own ``predictions.rank<R>.csv`` under DDP; a single process writes ``predictions.csv``.
+    The rows go to the temporary ``.<name>.tmp`` and replace the file when ``predict`` ends (``core.files``): a run
+    that fails (a full disk is a one-line ``DiskFullError``) leaves the previous file untouched.
     """
 
     def __init__(self, run_dir: str | Path) -> None:
         super().__init__(write_interval="batch")
         self.run_dir = Path(run_dir)
+        self._path: Path | None = None
         self._file = None
         self._writer = None
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         name = "predictions.csv" if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}.csv"
-        self._file = open(self.run_dir / name, "w", newline="")  # noqa: SIM115  (closed in on_predict_end)
-        self._writer = csv.writer(self._file)
-        self._writer.writerow(["path", "label", "top1", "top1_name", "top5", "top5_probs"])
+        self._path = self.run_dir / name
+        with disk_full_errors(self._path):
+            # NOTE: closed in on_predict_end (moved into place) or on_exception (removed)
+            self._file = open(temporary_path(self._path), "w", encoding="utf-8", newline="")  # noqa: SIM115
+            self._writer = csv.writer(self._file)
+            self._writer.writerow(["path", "label", "top1", "top1_name", "top5", "top5_probs"])
 
     def write_on_batch_end(
         self,
@@ -79,25 +129,39 @@ class ClassificationPredictionWriter(BasePredictionWriter):
         labels = batch[1].tolist()
         excluded = {sample.index for sample in excluded_samples(batch)}
         kept = [i for i in batch_indices if i not in excluded] if batch_indices is not None else None
+        rows = []
         for row, (indices, probs) in enumerate(zip(prediction["indices"].tolist(), prediction["probs"].tolist())):
             index = kept[row] if kept is not None else None
             path = samples[index][0] if samples is not None and index is not None else ""
             top_name = names[indices[0]] if names is not None else ""
-            self._writer.writerow(
+            rows.append(
                 [
-                    path,
+                    csv_cell(path),
                     labels[row],
                     indices[0],
-                    top_name,
+                    csv_cell(top_name),
                     " ".join(map(str, indices)),
                     " ".join(f"{p:.4f}" for p in probs),
                 ]
             )
+        with disk_full_errors(self._path):
+            self._writer.writerows(rows)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._file is not None:
+        if self._file is None:
+            return
+        with disk_full_errors(self._path):
             self._file.close()
-            self._file = None
+        self._file = None
+        move_into_place(temporary_path(self._path), self._path)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._file is None:
+            return
+        with contextlib.suppress(OSError):  # NOTE: the run already failed; a full disk refusing the last rows is moot
+            self._file.close()
+        self._file = None
+        temporary_path(self._path).unlink(missing_ok=True)
 
 
 class CocoPredictionWriter(BasePredictionWriter):
