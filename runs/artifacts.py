@@ -20,6 +20,7 @@ from datamodules.base import StrataDataModule
 from tasks.base import StrataTask
 from visualization.curves import plot_training_curves
 
+from .best_checkpoint import read_best_record
 from .export import export_for_timm
 from .health import health_summary
 
@@ -81,7 +82,9 @@ class RunArtifacts(L.Callback):
         exported = None
         if best_path and os.path.isfile(best_path):
             exported = self._export_best(trainer, pl_module, best_path)
-        best = checkpoint.best_model_score if isinstance(checkpoint, ModelCheckpoint) else None
+        # NOTE: the score stored in best.ckpt itself, which describes the exported weights whatever a kill did
+        record = read_best_record(best_path, pl_module.monitor) if best_path and os.path.isfile(best_path) else None
+        best = record["score"] if record else None
         datamodule: StrataDataModule = trainer.datamodule
         summary = {
             "task": type(pl_module).__name__,
@@ -91,6 +94,8 @@ class RunArtifacts(L.Callback):
             "global_step": trainer.global_step,
             "monitor": pl_module.monitor,
             "best_metric": _plain(best),
+            "best_step": record["step"] if record else None,
+            "best_epoch": record["epoch"] if record else None,
             "best_checkpoint": best_path or None,
             "final_metrics": {k: _plain(v) for k, v in sorted(trainer.callback_metrics.items())},
             "train_images_per_sec": round(self.train_images / self.train_seconds, 2) if self.train_seconds else None,

@@ -29,12 +29,14 @@ from core.errors import ConfigError, UserError
 from tasks.base import StrataTask
 
 from .artifacts import RunArtifacts
+from .best_checkpoint import BestCheckpointRecord
 from .checkpoint_io import CheckedCheckpointIO
 from .config_checks import check_model_fits_data
 from .health import RunHealth
 from .loggers import AppendingCSVLogger, point_loggers_at_run
 from .overlays import ValidationOverlays
 from .parse_errors import StrataArgumentParser
+from .periodic_checkpoint import PeriodicLastCheckpoint
 from .prediction_writers import prediction_writer_for
 from .preemption import Preemption, StoppedBeforeTraining, report_stop_before_training, stop_before_training
 from .process_rank import is_first_process
@@ -167,17 +169,9 @@ class StrataCLI(LightningCLI):
         every_n_steps = config.get("save_every_n_steps", 0)
         if self.subcommand == "fit" and every_n_steps > 0:
             # NOTE: a mid-epoch last.ckpt; the datamodule's state in it holds the loader position
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=self.run_dir,
-                    save_top_k=0,
-                    save_last=True,
-                    every_n_train_steps=every_n_steps,
-                    enable_version_counter=False,
-                )
-            )
+            callbacks.append(PeriodicLastCheckpoint(str(self.run_dir), every_n_steps))
         if self.subcommand == "fit":
-            callbacks.append(ResumeSettings(config))
+            callbacks += [ResumeSettings(config), BestCheckpointRecord(self.run_dir)]
         if self.subcommand == "predict":
             callbacks.append(prediction_writer_for(model, self.run_dir))
         return callbacks

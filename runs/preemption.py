@@ -182,17 +182,21 @@ class Preemption(L.Callback):
 
 
 def _mark_validation_unfinished(checkpoint: dict[str, Any]) -> None:
-    """Make the resumed fit repeat the validation a stop interrupted.
+    """Make the fit resumed from ``checkpoint``, saved by a stop during a validation, run that validation again.
 
     Lightning repeats a validation only when its checkpoint was written inside a validation batch (one batch
-    started, not processed); stopped after a validation batch, it would skip the rest of that validation, and its
-    metrics and the best checkpoint of that epoch would be lost. The validation's progress is marked as in the middle
-    of a batch, so the resumed run validates again, every batch from the first (metric states are not saved).
+    started, not processed); stopped after one, it would resume past the rest of the validation, and the epoch's
+    metrics and best checkpoint would be lost (reproduced: no epoch-0 row in metrics.csv after the resume). The
+    validation's progress is marked so, and its per-run counts zeroed, so the resumed run validates again, every
+    batch from the first (metric states are not saved).
     """
     progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
     total = progress["total"]
-    total["processed"] = total["completed"] = max(total["started"] - 1, 0)
-    progress["current"] = dict.fromkeys(progress["current"], 0)  # NOTE: the repeat runs every batch again
+    total["started"] = total["ready"] = (
+        total["started"] + 1 if total["started"] == total["processed"] else total["started"]
+    )
+    total["processed"] = total["completed"] = total["started"] - 1
+    progress["current"] = dict.fromkeys(progress["current"], 0)
 
 
 def report_stop_before_training(stop: StoppedBeforeTraining) -> None:

@@ -25,9 +25,9 @@ trainer:
 """
 
 
-def _fit(data: Path, out: Path, config: Path, epochs: int, env: dict[str, str]) -> subprocess.CompletedProcess:
+def _fit(data: Path, out: Path, config: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
     task = [*TINY_CLASSIFY, "--config", str(config), "--data.init_args.batch_size", "16"]
-    return run_train(train_args("fit", task, data, out, "logged", "--trainer.max_epochs", str(epochs)), env=env)
+    return run_train(train_args("fit", task, data, out, "logged", "--trainer.max_epochs", "2", *extra), env=env)
 
 
 @pytest.mark.parametrize("key_in_env", [False, True])
@@ -40,12 +40,14 @@ def test_wandb_offline_logs_into_the_run_and_a_resume_reuses_the_run_id(
     env.update(OMP_NUM_THREADS="1", HOME=str(tmp_path), WANDB_DIR=str(tmp_path / "wandb-elsewhere"))
     if key_in_env:
         env.update(WANDB_API_KEY=SECRET, WANDB_MODE="offline")  # a key, but no network: explicit offline mode
-    first = _fit(tiny_imagenet, tmp_path / "runs", config, 1, env)
+    stop_in_epoch_1 = ["--trainer.callbacks+=tests.support.fault_injection.KillAtStep", "--trainer.callbacks.step=6"]
+    stop_in_epoch_1.append("--trainer.callbacks.signal_name=SIGTERM")
+    first = _fit(tiny_imagenet, tmp_path / "runs", config, env, *stop_in_epoch_1)
     assert first.returncode == 0, first.stderr[-3000:]
     run = tmp_path / "runs" / "logged"
     run_id = (run / "wandb_run_id").read_text().strip()
     assert run_id
-    second = _fit(tiny_imagenet, tmp_path / "runs", config, 2, env)  # the same command, one epoch more: resumes
+    second = _fit(tiny_imagenet, tmp_path / "runs", config, env)  # the same command after the stop: resumes
     assert second.returncode == 0, second.stderr[-3000:]
     assert (run / "wandb_run_id").read_text().strip() == run_id
     offline_runs = sorted((run / "wandb").glob("offline-run-*"))

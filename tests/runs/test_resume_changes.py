@@ -86,7 +86,11 @@ def test_a_resume_that_changes_only_workers_and_callbacks_continues(
     tiny_imagenet: Path, interrupted: Path, tmp_path: Path
 ) -> None:
     out = _copy(interrupted, tmp_path)
-    extra = ["--data.init_args.num_workers", "1", "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"]
+    extra = [
+        "--data.init_args.num_workers",
+        "1",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
+    ]
     resumed = run_train(_fit_args(tiny_imagenet, out, *extra))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _last(out / "run")[0] == STEPS

@@ -138,3 +138,22 @@ class SignalInSetup(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         os.kill(os.getpid(), self.signum)
+
+
+class KillAfterWriting(L.Callback):
+    """SIGKILL right after the checkpoint file ``file_name`` is written in epoch ``epoch``: between ``best.ckpt`` and
+    ``last.ckpt``, which Lightning writes one after the other at the end of a validation."""
+
+    def __init__(self, file_name: str = "best.ckpt", epoch: int = 0) -> None:
+        self.file_name, self.epoch = file_name, epoch
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        checkpoint_io = trainer.strategy.checkpoint_io
+        real_save = checkpoint_io.save_checkpoint
+
+        def save_then_die(checkpoint: dict[str, Any], path: Any, *args: Any, **kwargs: Any) -> None:
+            real_save(checkpoint, path, *args, **kwargs)
+            if os.path.basename(str(path)) == self.file_name and trainer.current_epoch == self.epoch:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint_io.save_checkpoint = save_then_die  # type: ignore[method-assign]
