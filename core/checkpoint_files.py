@@ -79,8 +79,11 @@ def checkpoint_errors(path: str | Path | None) -> Iterator[None]:
         raise explain_load_error(path, error) from None
 
 
-def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", weights_only: bool = True) -> dict[str, Any]:
+def load_checkpoint_file(
+    path: str | Path, map_location: Any = "cpu", weights_only: bool = True, mmap: bool = False
+) -> dict[str, Any]:
     """Read a ``torch.save`` or safetensors file; any failure is a one-line ``CheckpointError`` naming the file.
+    ``mmap`` maps the tensors of a zip-format ``torch.save`` file instead of reading them (to read other entries).
 
     Raises:
         CheckpointError: the file is missing, empty, truncated or corrupt, or holds objects ``weights_only=True``
@@ -95,7 +98,8 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", weights_on
         if _is_safetensors(path):
             device = map_location if isinstance(map_location, str) else "cpu"
             return load_file(str(path), device=device)
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
+        mmap = mmap and zipfile.is_zipfile(path)
+        return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], path: str | Path) -> None:

@@ -17,6 +17,8 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from core.checkpoint_files import load_checkpoint_file
+
 __all__ = ["BestCheckpointRecord", "BestRecord", "read_best_record"]
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ class BestRecord(dict):
 def read_best_record(path: str | Path, monitor: str) -> BestRecord | None:
     """The score, step and epoch ``best.ckpt`` at ``path`` was saved for (``None`` when it holds no record for
     ``monitor``)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = load_checkpoint_file(path, mmap=True)
     for key, state in checkpoint.get("callbacks", {}).items():
         if key.startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor") == monitor:
             score = state.get("best_model_score")

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
-import torch
 
+from core.checkpoint_files import load_checkpoint_file
 from core.errors import ConfigError
 
 __all__ = ["TRAJECTORY_KEY", "ResumeSettings", "check_resume_settings", "trajectory_settings"]
@@ -85,7 +85,7 @@ def trajectory_settings(config: Any, world_size: int) -> dict[str, Any]:
 def check_resume_settings(checkpoint_path: str | Path, settings: dict[str, Any], run_dir: Path) -> None:
     """Raise a one-line ``ConfigError`` when ``settings`` differ from those stored in the checkpoint being resumed
     (checkpoints written before the settings were stored are resumed unchecked)."""
-    stored = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True).get(TRAJECTORY_KEY)
+    stored = load_checkpoint_file(checkpoint_path, mmap=True).get(TRAJECTORY_KEY)
     if not isinstance(stored, dict):
         return
     for key in sorted(stored.keys() | settings.keys()):
