@@ -44,6 +44,7 @@ from .random_streams import RandomStateCheckpoint
 from .resume_checks import ResumeSettings, check_resume_settings, trajectory_settings
 from .run_directory import RUN_NAME_ENV, default_run_name, ensure_demo_data, remove_stale_temporary_files
 from .run_lock import RunLock
+from .strategies import EndChildRanksOnFailure, ddp_with_timeout
 from .terminal import end_progress_bar_lines
 
 __all__ = ["StrataCLI", "cli_main", "end_progress_bar_lines", "main"]
@@ -98,6 +99,12 @@ class StrataCLI(LightningCLI):
             type=bool,
             default=False,
             help="validate/test/predict without a checkpoint even when the weights are untrained (pipeline checks).",
+        )
+        parser.add_argument(
+            "--collective_timeout",
+            type=float,
+            default=10.0,
+            help="Minutes a DDP collective may wait for the other ranks before the job fails (torch: 30).",
         )
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.dataset_info", "model.init_args.dataset_info", apply_on="instantiate")
@@ -162,6 +169,7 @@ class StrataCLI(LightningCLI):
             RunHealth(),
             RunArtifacts(self.run_dir),
             Preemption(self.run_dir),
+            EndChildRanksOnFailure(),
             RandomStateCheckpoint(),
         ]
         if config.get("val_overlays", 0) > 0 and self.subcommand in ("fit", "validate"):
@@ -180,8 +188,10 @@ class StrataCLI(LightningCLI):
         check_model_fits_data(self.model, self.datamodule)  # NOTE: before any image is read
         trainer_cfg = self._subcommand(self.config_init)["trainer"]
         plugins, callbacks = (trainer_cfg.get(key) or [] for key in ("plugins", "callbacks"))
+        strategy = ddp_with_timeout(trainer_cfg.get("strategy"), self._subcommand(self.config).collective_timeout)
         return super().instantiate_trainer(
             logger=self._loggers(trainer_cfg.get("logger")),
+            strategy=strategy,
             default_root_dir=str(self.run_dir),
             plugins=[CheckedCheckpointIO(self.model), *_as_list(plugins)],
             callbacks=[*_as_list(callbacks), *self._run_callbacks(self.model)],

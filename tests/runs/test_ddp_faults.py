@@ -132,3 +132,47 @@ def test_a_killed_rank_ends_every_rank_within_a_minute_and_the_rerun_resumes_exa
     assert stopped.seconds < EXIT_WITHIN_S, f"rank {rank} killed at step {stopped.step}: {stopped.seconds:.0f} s"
     assert not list((tmp_path / "run").glob(".*.tmp"))
     _resumes_to_the_reference(tiny_imagenet, tmp_path, reference, f"rank {rank} killed at step {stopped.step}")
+
+
+def test_a_ddp_strategy_named_by_string_gets_the_bounded_collective_timeout() -> None:
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from core.errors import ConfigError
+    from runs.strategies import ddp_with_timeout
+
+    strategy = ddp_with_timeout("ddp_find_unused_parameters_true", 2.5)
+    assert isinstance(strategy, DDPStrategy) and strategy._timeout == timedelta(minutes=2.5)
+    assert strategy._ddp_kwargs == {"find_unused_parameters": True}
+    configured = DDPStrategy(timeout=timedelta(minutes=1))
+    assert ddp_with_timeout(configured, 10) is configured and ddp_with_timeout("auto", 10) == "auto"
+    with pytest.raises(ConfigError, match="collective_timeout 0 is in minutes"):
+        ddp_with_timeout("ddp", 0)
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_fails_the_job_after_the_collective_timeout_not_30_minutes(
+    tiny_imagenet: Path, tmp_path: Path
+) -> None:
+    stamp = tmp_path / "stalled_at"
+    stall = ["--trainer.callbacks+=tests.support.fault_injection.StallRankAtStep", "--trainer.callbacks.step=3"]
+    stall += ["--trainer.callbacks.rank=1", "--trainer.callbacks.seconds=600", f"--trainer.callbacks.stamp={stamp}"]
+    process = start_train(
+        _fit_args(tiny_imagenet, tmp_path, *stall, "--collective_timeout", "0.25"), start_new_session=True
+    )
+    try:
+        process.communicate(timeout=600)
+        while True:
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    seconds = time.time() - float(stamp.read_text())
+    assert process.returncode != 0
+    assert seconds < EXIT_WITHIN_S, f"the job ended {seconds:.0f} s after rank 1 stalled (timeout 15 s)"
+    assert _weights(tmp_path / "run")[0] == 2  # the last periodic save is intact, to resume from

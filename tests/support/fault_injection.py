@@ -157,3 +157,17 @@ class KillAfterWriting(L.Callback):
                 os.kill(os.getpid(), signal.SIGKILL)
 
         checkpoint_io.save_checkpoint = save_then_die  # type: ignore[method-assign]
+
+
+class StallRankAtStep(L.Callback):
+    """One DDP rank stops responding at ``step`` for ``seconds`` (a hung filesystem, a wedged device), writing the
+    time it stalled to ``stamp``."""
+
+    def __init__(self, step: int, rank: int, seconds: float, stamp: str) -> None:
+        self.step, self.rank, self.seconds, self.stamp = step, rank, seconds, stamp
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            with open(self.stamp, "w") as f:
+                f.write(str(time.time()))
+            time.sleep(self.seconds)
