@@ -56,6 +56,8 @@ CASES: list[tuple[str, str, str]] = [
      "DDP 2 ranks: SIGKILL rank 0", "every rank gone < 60 s; rerun = reference"),
     (f"{DDP}::test_a_killed_rank_ends_every_rank_within_a_minute_and_the_rerun_resumes_exactly[1]",
      "DDP 2 ranks: SIGKILL rank 1", "every rank gone < 60 s; rerun = reference"),
+    (f"{DDP}::test_a_stalled_rank_fails_the_job_after_the_collective_timeout_not_30_minutes",
+     "DDP 2 ranks: rank 1 stalls", "job gone < 60 s (timeout 15 s); last save intact"),
     (f"{CHANGES}::test_a_signal_between_accumulated_micro_batches_waits_for_the_step_and_resumes_exactly",
      "accumulation 2, signal after an odd micro-batch", "saved after the step, resume bit-identical"),
     (f"{FAULTS}::test_a_signal_during_a_long_validation_stops_it_and_the_resumed_run_repeats_it",
