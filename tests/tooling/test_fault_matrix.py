@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.cli import REPO
 
 
@@ -34,6 +36,7 @@ def _cases() -> list[tuple[str, str, str]]:
     return fault_matrix.CASES
 
 
+@pytest.mark.slow  # NOTE: collecting the fault test files in a subprocess took 350 s on 2 cores
 def test_every_case_of_the_matrix_is_a_collected_test() -> None:
     missing = [case[0] for case in _cases() if case[0] not in _collected()]
     assert missing == []
