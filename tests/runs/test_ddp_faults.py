@@ -73,22 +73,27 @@ def _signalled_run(data: Path, out: Path, signal_name: str, ranks: list[int]) ->
         callbacks += ["--trainer.callbacks+=tests.support.fault_injection.SignalRankAtStep"]
         callbacks += [f"--trainer.callbacks.step={step}", f"--trainer.callbacks.rank={rank}"]
         callbacks += [f"--trainer.callbacks.signal_name={signal_name}", f"--trainer.callbacks.stamp={stamp}{rank}"]
-    process = start_train(_fit_args(data, out, *callbacks), start_new_session=True)
+    stdout, stderr, returncode = _run_until_the_group_ends(_fit_args(data, out, *callbacks))
+    return Stopped(returncode, stdout, stderr, step, time.time() - min(_stamps(stamp, ranks)))
+
+
+def _run_until_the_group_ends(args: list[str]) -> tuple[str, str, int]:
+    """Run ``train.py args`` as the leader of its own process group and return (stdout, stderr, exit code) once
+    every process of the group has ended (at most 10 minutes, then the group is killed and the test fails)."""
+    process = start_train(args, start_new_session=True)
+    deadline = time.monotonic() + 600
     try:
         stdout, stderr = process.communicate(timeout=600)
-        while True:
+        while time.monotonic() < deadline:
             try:
                 os.killpg(process.pid, 0)
             except ProcessLookupError:
-                break
+                return stdout, stderr, process.returncode
             time.sleep(0.2)
-            if time.time() - min(_stamps(stamp, ranks)) > 600:
-                raise AssertionError("a rank outlived the run by 10 minutes")
+        raise AssertionError("a rank outlived the run's main process by 10 minutes")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-    ended = time.time()
-    return Stopped(process.returncode, stdout, stderr, step, ended - min(_stamps(stamp, ranks)))
 
 
 def _stamps(stamp: Path, ranks: list[int]) -> list[float]:
@@ -158,21 +163,10 @@ def test_a_stalled_rank_fails_the_job_after_the_collective_timeout_not_30_minute
     stamp = tmp_path / "stalled_at"
     stall = ["--trainer.callbacks+=tests.support.fault_injection.StallRankAtStep", "--trainer.callbacks.step=3"]
     stall += ["--trainer.callbacks.rank=1", "--trainer.callbacks.seconds=600", f"--trainer.callbacks.stamp={stamp}"]
-    process = start_train(
-        _fit_args(tiny_imagenet, tmp_path, *stall, "--collective_timeout", "0.25"), start_new_session=True
+    _, _, returncode = _run_until_the_group_ends(
+        _fit_args(tiny_imagenet, tmp_path, *stall, "--collective_timeout", "0.25")
     )
-    try:
-        process.communicate(timeout=600)
-        while True:
-            try:
-                os.killpg(process.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
     seconds = time.time() - float(stamp.read_text())
-    assert process.returncode != 0
+    assert returncode != 0
     assert seconds < EXIT_WITHIN_S, f"the job ended {seconds:.0f} s after rank 1 stalled (timeout 15 s)"
     assert _weights(tmp_path / "run")[0] == 2  # the last periodic save is intact, to resume from
