@@ -31,7 +31,7 @@ def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int
     return t if t % 2 else t + 1
 
 
-@register_block("se")
+@register_block("se", kind="attention")
 class SqueezeExcite(SEModule):
     """Squeeze-and-excitation (Hu et al., "Squeeze-and-Excitation Networks", arXiv 1709.01507).
 
@@ -54,7 +54,7 @@ class SqueezeExcite(SEModule):
         super().__init__(dim, rd_channels=rd)
 
 
-@register_block("eca")
+@register_block("eca", kind="attention")
 class EfficientChannelAttention(EcaModule):
     """Efficient channel attention (Wang et al., "ECA-Net: Efficient Channel Attention for Deep Convolutional
     Neural Networks", arXiv 1910.03151).

@@ -17,7 +17,7 @@ from .factory import register_block
 __all__ = ["CoordinateAttention"]
 
 
-@register_block("ca")
+@register_block("ca", kind="attention")
 class CoordinateAttention(nn.Module):
     """Coordinate attention (Hou et al., "Coordinate Attention for Efficient Mobile Network Design", arXiv 2103.02907).
 

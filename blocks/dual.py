@@ -301,7 +301,7 @@ class ChannelBlock2d(ChannelBlock):
         return super().forward(_to_tokens(x)).permute(0, 3, 1, 2)
 
 
-@register_block("dual")
+@register_block("dual", accepts=(SpatialBlock, ChannelBlock))
 class DualAttentionBlock2d(DualAttentionBlock):
     """:class:`DualAttentionBlock` on ``(B, C, H, W)`` tensors (same parameters); returns a channels_last tensor."""
 

@@ -17,7 +17,7 @@ from timm.layers import get_act_layer
 from timm.models._efficientnet_blocks import InvertedResidual
 from torch import nn
 
-from .factory import create_block, register_block
+from .factory import block_spec, check_block_kwargs, create_block, register_block
 
 __all__ = ["inverted_residual"]
 
@@ -31,7 +31,29 @@ def _attention_slot(attn: str, attn_kwargs: dict[str, Any]) -> Any:
     return make
 
 
-@register_block("mbconv")
+def _check_attention(dim: int, kwargs: dict[str, Any]) -> str | None:
+    """``attn`` is a registered attention key and ``attn_kwargs`` fit it (on the expanded width)."""
+    attn = kwargs.get("attn", "ca")
+    if attn is None:
+        return None
+    try:
+        spec = block_spec(attn)
+    except ValueError as error:
+        return f"mbconv attn: {error}"
+    if spec.kind != "attention":
+        return f"mbconv attn {attn!r} is a {spec.kind}, not an attention gate; use one of {', '.join(_gates())}"
+    hidden = int(dim * kwargs.get("expand_ratio", 4.0))
+    problems = check_block_kwargs(attn, hidden, dict(kwargs.get("attn_kwargs") or {}))
+    return f"mbconv attn_kwargs: {problems[0]}" if problems else None
+
+
+def _gates() -> list[str]:
+    from .factory import list_blocks
+
+    return list_blocks(kind="attention")
+
+
+@register_block("mbconv", check=_check_attention)
 def inverted_residual(
     dim: int,
     expand_ratio: float = 4.0,

@@ -40,7 +40,8 @@ What differs from the official code, on purpose:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -307,6 +308,16 @@ class BiLevelRoutingAttention(nn.Module):
         # NOTE: set only while an attention capture records this block (a hook-free callback, None otherwise)
         self.capture: Callable[..., None] | None = None
 
+    @contextlib.contextmanager
+    def mac_counting(self) -> Iterator[None]:
+        """While MACs are counted, run the plain gather kernel (the block contract, ``blocks/factory.py``): the fast
+        path's block-masked dense attention for tiny regions multiplies more zeros than the algorithm needs."""
+        impl, self.impl = self.impl, "reference"
+        try:
+            yield
+        finally:
+            self.impl = impl
+
     def forward(self, x: Tensor) -> Tensor:
         B, H, W, _ = x.shape
         official = self.pad_mode == "official"
@@ -473,13 +484,13 @@ class BiFormerBlock(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-@register_block("bra")
+@register_block("bra", accepts=(BiFormerBlock,))
 def bra_block(dim: int, **kwargs) -> BiFormerBlock:
     """BiFormer block with bi-level routing attention (kwargs of :class:`BiFormerBlock`: n_win=7, topk=4, ...)."""
     return BiFormerBlock(dim, attn="bra", **kwargs)
 
 
-@register_block("bra_full")
+@register_block("bra_full", accepts=(BiFormerBlock,))
 def bra_full_block(dim: int, **kwargs) -> BiFormerBlock:
     """BiFormer stage-4 block: the same block with global :class:`AttentionLePE` (num_heads default 8)."""
     return BiFormerBlock(dim, attn="full", **kwargs)

@@ -118,6 +118,7 @@ class RunArtifacts(L.Callback):
                 self.run_dir,
                 data_config=datamodule.timm_data_config(),
                 label_names=datamodule.class_names,
+                model_args=pl_module.export_model_args(),
             )
         finally:
             pl_module.load_state_dict(current)

@@ -33,12 +33,14 @@ def export_for_timm(
     *,
     data_config: dict[str, Any] | None = None,
     label_names: Sequence[str] | None = None,
+    model_args: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model.safetensors``, ``config.json`` and ``pretrained_cfg.json`` for a timm model into ``run_dir``.
 
     Each file is written to a temporary folder first and moved into place, so a reader never sees a partial file; a
-    full disk is a one-line ``DiskFullError`` (``core.files.disk_full_errors``). Returns the path of
-    ``model.safetensors``.
+    full disk is a one-line ``DiskFullError`` (``core.files.disk_full_errors``). ``model_args`` (plain values) go into
+    ``config.json`` as timm's ``model_args``, so ``local-dir:`` loading builds the architecture the weights belong to
+    (a ``composed_backbone``'s stages, a dense task's ``n_win``). Returns the path of ``model.safetensors``.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -47,7 +49,14 @@ def export_for_timm(
         model_config["label_names"] = list(label_names)
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-") as tmp:
         with disk_full_errors(run_dir / "model.safetensors"):
-            save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
+            save_for_hf(
+                model,
+                tmp,
+                model_config=model_config,
+                model_args=model_args or None,
+                safe_serialization=True,
+                data_config=data_config,
+            )
         config = json.loads((Path(tmp) / "config.json").read_text())
         pretrained_cfg = dict(config.get("pretrained_cfg", {}))
         pretrained_cfg.pop("tag", None)  # NOTE: the tag of the weights training started from, not of these

@@ -1,13 +1,12 @@
 """Inspect registered models: parameters and multiply-adds, or per-stage output shapes and parameters.
 
-MACs are multiply-adds as papers count them: ``torch.utils.flop_counter.FlopCounterMode`` counts the FLOPs of the
-matrix products and convolutions (attention's ``q @ k`` and ``attn @ v`` included) of one forward pass on a
-1x3xSxS input in eval mode, and a multiply-add is two FLOPs, so ``MACs = FLOPs / 2``. Element-wise ops (activations,
-norms, pooling, gating) are not counted, as in the papers' tables. The model runs on the ``meta`` device (no data,
-fast; and on CPU ``scaled_dot_product_attention`` dispatches to a kernel FlopCounterMode does not count); a model
-that cannot run on ``meta`` (data-dependent ops) falls back to CPU. Bi-level routing attention is counted with its
-plain gather kernel (``impl="reference"``): the fast path computes tiny-region stages as one block-masked dense
-attention, which runs quicker on CPU but multiplies more zeros than the algorithm needs.
+MACs are multiply-adds as papers count them (``core/model_cost.py``): ``FlopCounterMode`` counts the FLOPs of the
+matrix products and convolutions (attention's ``q @ k`` and ``attn @ v`` included) of one forward pass on a 1x3xSxS
+input in eval mode, and ``MACs = FLOPs / 2``. Element-wise ops are not counted, as in the papers' tables. The model
+runs on the ``meta`` device where it can (no data, fast; on CPU ``scaled_dot_product_attention`` dispatches to a
+kernel the counter does not see) and falls back to CPU. A block with a ``mac_counting()`` context (the block contract
+of ``blocks/factory.py``) is counted inside it: bi-level routing attention then runs its plain gather kernel, since
+the fast path's block-masked dense attention for tiny regions multiplies more zeros than the algorithm needs.
 
 Usage::
 
@@ -29,10 +28,10 @@ from collections.abc import Sequence
 import timm
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import backbones  # noqa: F401  (registers the project's models)
-from blocks.routing import BiLevelRoutingAttention
+from core import model_cost
+from core.model_cost import count_macs, count_params  # noqa: F401  (the benchmark scripts import them from here)
 
 
 def project_models(pattern: str = "*") -> list[str]:
@@ -45,41 +44,9 @@ def project_models(pattern: str = "*") -> list[str]:
     ]
 
 
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, img_size: int, in_chans: int = 3, device: torch.device | str | None = None) -> int:
-    """Multiply-adds of one forward pass on a ``1 x in_chans x img_size x img_size`` input (FLOPs / 2).
-
-    The input goes on ``device``, by default the device of the model's parameters.
-    """
-    if device is None:
-        device = next(model.parameters(), torch.empty(0)).device
-    x = torch.randn(1, in_chans, img_size, img_size, device=device)
-    routing = [m for m in model.modules() if isinstance(m, BiLevelRoutingAttention)]
-    impls = [m.impl for m in routing]
-    try:
-        for m in routing:
-            m.impl = "reference"
-        with FlopCounterMode(display=False) as counter:
-            model.eval()(x)
-    finally:
-        for m, impl in zip(routing, impls):
-            m.impl = impl
-    return counter.get_total_flops() // 2
-
-
 def params_and_macs(name: str, img_size: int) -> tuple[int, int]:
-    """Parameter count and MACs of ``timm.create_model(name)``, on ``meta`` tensors where the model allows it."""
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(name)
-        return count_params(model), count_macs(model, img_size, getattr(model, "in_chans", 3))
-    except (NotImplementedError, RuntimeError):
-        model = timm.create_model(name)
-        return count_params(model), count_macs(model, img_size, getattr(model, "in_chans", 3))
+    """Parameter count and MACs of ``timm.create_model(name)`` (``core.model_cost.params_and_macs``)."""
+    return model_cost.params_and_macs(lambda: timm.create_model(name), img_size)
 
 
 def _fmt(n: float) -> str:

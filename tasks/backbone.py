@@ -76,10 +76,18 @@ def create_backbone(
 
 @contextlib.contextmanager
 def backbone_errors(backbone: str = "the backbone") -> Iterator[None]:
-    """Around building a backbone: an unknown block name (the closest names kept) or a keyword the model does not
-    take becomes a one-line ``ConfigError``."""
+    """Around building a backbone: an unknown block name (the closest names kept), a composition that cannot build
+    (``backbones.composed``), a block plugin that fails to load or a keyword the model does not take becomes a
+    one-line ``ConfigError``."""
+    from backbones.composed import CompositionError
+    from blocks import BlockPluginError
+
     try:
         yield
+    except CompositionError as error:
+        raise ConfigError(f"model.{error}") from None
+    except BlockPluginError as error:
+        raise ConfigError(str(error)) from None
     except ValueError as error:
         if not str(error).startswith("unknown block"):
             raise

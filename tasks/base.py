@@ -7,7 +7,8 @@ the attributes and methods declared here, never with ``getattr(task, ..., defaul
 - ``task_name`` names runs (``<task>-<backbone>-<stamp>``) and ``prediction_format`` picks the writer of
   ``predict``'s output (``runs/prediction_writers.py``);
 - ``monitor`` / ``monitor_mode`` select ``best.ckpt``;
-- ``export_module()`` is the ``nn.Module`` exported in timm's layout (``runs/export.py``);
+- ``export_module()`` is the ``nn.Module`` exported in timm's layout (``runs/export.py``), ``export_model_args()``
+  the architecture arguments written with it;
 - ``render_predictions(batch, limit)`` draws the predictions on the first images of an evaluation batch
   (``runs/overlays.py`` logs them); ``input_sizes()`` names the input sizes of the task's own inference, checked
   against the backbone's stride with the data's (``runs/config_checks.py``);
@@ -39,6 +40,8 @@ from .nonfinite import NonFiniteLossGuard
 __all__ = ["PREDICTION_FORMATS", "StrataTask"]
 
 PREDICTION_FORMATS = ("classification", "coco", "segmentation")
+# NOTE: backbone arguments that do not change the exported architecture, or name files of this machine
+TRAINING_ONLY_BACKBONE_KWARGS = ("drop_path_rate", "pretrained_cfg_overlay", "features_only", "out_indices")
 
 
 class StrataTask(L.LightningModule):
@@ -82,6 +85,15 @@ class StrataTask(L.LightningModule):
     def export_module(self) -> nn.Module:
         """The trained network exported in timm's layout."""
         raise NotImplementedError
+
+    def export_model_args(self) -> dict[str, Any]:
+        """The architecture arguments of ``export_module()``, written as timm's ``model_args`` into ``config.json`` so
+        that ``timm.create_model("local-dir:RUN")`` rebuilds it: the task's ``backbone_kwargs`` without the ones that
+        only shape training."""
+        kwargs = dict(self.hparams.get("backbone_kwargs") or {})
+        for key in TRAINING_ONLY_BACKBONE_KWARGS:
+            kwargs.pop(key, None)
+        return kwargs
 
     def render_predictions(self, batch: Any, limit: int) -> list[Image.Image]:
         """Pictures of the predictions on the first ``limit`` images of an evaluation batch (no gradients)."""
