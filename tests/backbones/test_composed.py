@@ -125,7 +125,9 @@ def test_a_composed_backbone_trained_from_yaml_reloads_from_its_run_in_a_fresh_p
         f"model = timm.create_model('local-dir:{run}', pretrained=True).eval()\n"
         f"torch.save(model(torch.load('{tmp_path / 'x.pt'}')).detach(), '{tmp_path / 'y.pt'}')\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, text=True
+    )
     assert done.returncode == 0
     with torch.no_grad():
         # NOTE: another process may pick other CPU kernels: equal up to float32 rounding
