@@ -151,3 +151,41 @@ def test_a_composed_backbone_serves_the_dense_tasks_as_features_only(
     assert config["architecture"] == "composed_backbone" and {k: config["model_args"].get(k) for k in TINY} == TINY
     exported = timm.create_model(f"local-dir:{tmp_path / task}", pretrained=True, features_only=True)
     assert exported.feature_info.reduction() == [4, 8, 16, 32]
+
+
+@pytest.mark.parametrize(("attn", "reference"), [("se", "seresnet50"), ("ca", "strata_resnet50_ca")])
+def test_a_composed_resnet_with_one_gate_equals_the_registered_attention_resnet(attn: str, reference: str) -> None:
+    torch.manual_seed(0)
+    registered = timm.create_model(reference).eval()
+    torch.manual_seed(0)
+    composed = timm.create_model("composed_resnet", attn=attn).eval()
+    assert list(composed.state_dict()) == list(registered.state_dict())
+    assert sum(p.numel() for p in composed.parameters()) == sum(p.numel() for p in registered.parameters())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(composed(x), registered(x))
+
+
+def test_a_composed_resnet_takes_a_gate_per_stage() -> None:
+    from blocks.channel import EfficientChannelAttention, SqueezeExcite
+    from blocks.coordinate import CoordinateAttention
+
+    model = timm.create_model("composed_resnet", layers=[1, 1, 1, 1], block="basic", attn=["se", None, "eca", "ca"])
+    gates = [type(stage[0].se) for stage in (model.layer1, model.layer2, model.layer3, model.layer4)]
+    assert gates == [SqueezeExcite, torch.nn.Identity, EfficientChannelAttention, CoordinateAttention]
+    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (dict(attn="bra"), "backbone_kwargs.attn[0]='bra' is a block, not an attention gate"),
+        (dict(attn="sse"), "backbone_kwargs.attn[0]: unknown block 'sse'"),
+        (dict(attn=["se", "se"]), "backbone_kwargs.attn has 2 entries but layers has 4 stages"),
+        (dict(attn="se", attn_kwargs={"ratio": 8}), "block 'se' takes no argument 'ratio'"),
+    ],
+)
+def test_a_bad_composed_resnet_is_refused_before_building(kwargs: dict, expected: str) -> None:
+    with pytest.raises(CompositionError) as info:
+        timm.create_model("composed_resnet", **kwargs)
+    assert expected in str(info.value)
