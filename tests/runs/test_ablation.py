@@ -96,3 +96,21 @@ def test_an_ablation_runs_every_cell_records_failures_and_skips_finished_cells_o
     assert second.returncode == 0, second.stderr[-3000:]
     assert (out / "se-s0" / "summary.json").stat().st_mtime_ns == stamp
     assert "se-s0: running" not in second.stdout and "broken-s0: running" in second.stdout
+
+
+@pytest.mark.parametrize("path", ["configs/demo/ablate.yaml", "configs/imagenet/ablate_biformer_tiny_stage3.yaml"])
+def test_the_shipped_ablations_build_every_cell_within_their_parameter_margin(path: str) -> None:
+    import timm
+    import torch
+
+    import backbones  # noqa: F401  (registers the models)
+
+    ablation = load_ablation(REPO / path)
+    counts = []
+    for cell in ablation.cells:
+        init = ablation.cell_config(cell)["model"]["init_args"]
+        with torch.device("meta"):
+            model = timm.create_model(init["backbone"], num_classes=8, **init["backbone_kwargs"])
+        counts.append(sum(p.numel() for p in model.parameters()))
+    assert len(ablation.cells) >= 4 and len(ablation.seeds) >= 2
+    assert all(abs(n / counts[0] - 1) <= ablation.param_margin for n in counts), counts

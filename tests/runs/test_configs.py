@@ -9,12 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from runs.cli import cli_main
 from tests.support.cli import QUIET, REPO, run_train
 
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+# NOTE: ablation files (a grid over run configs, runs/ablation_grid.py) are checked in tests/runs/test_ablation.py
+CONFIGS = sorted(c for c in (REPO / "configs").rglob("*.yaml") if "grid" not in (yaml.safe_load(c.read_text()) or {}))
 IMAGENET_MODELS = {"biformer_tiny.yaml", "biformer_small.yaml", "biformer_base.yaml"}  # merged into deit_300e.yaml
+# NOTE: fragments are merged after the configs they complete (composed backbones go on the classification demo)
+FRAGMENT_BASES = {
+    "ablate_base.yaml": ["demo/classify.yaml"],
+    "ablate_biformer_tiny_base.yaml": ["imagenet/deit_300e.yaml", "composed/biformer_tiny.yaml"],
+}
 CPU_STEP = [
     "--trainer.accelerator", "cpu",
     "--trainer.devices", "1",
@@ -45,6 +52,9 @@ TINY_DATA = {
 
 
 def _config_args(config: Path) -> list[str]:
+    bases = FRAGMENT_BASES.get(config.name, ["demo/classify.yaml"] if config.parent.name == "composed" else [])
+    if bases:
+        return [arg for base in bases for arg in ("--config", str(REPO / "configs" / base))] + ["--config", str(config)]
     if config.name in IMAGENET_MODELS:
         return ["--config", str(REPO / "configs" / "imagenet" / "deit_300e.yaml"), "--config", str(config)]
     return ["--config", str(config)]
